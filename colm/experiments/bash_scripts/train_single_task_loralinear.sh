@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Stage 1: train one plain LoRA expert on one dataset.
+#   bash colm/experiments/bash_scripts/train_single_task_loralinear.sh -exp_name P3Socialiqa_t5xl_lora \
+#     -dataset P3SOCIALIQA -extra_bindings 'P/TRAIN/Trainer.gradient_accumulation_factor=32'
+# Writes exp_out/<exp_name>/best.pt, finish.pt, results.txt, results_in_training.txt.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+exp_name="" dataset="" model_type="" extra_bindings=""
+parse_flags "exp_name dataset model_type extra_bindings" "$@"
+require_flags exp_name dataset
+model_dir="$(model_gin_dir)"
+EXP_NAME="$exp_name" run_colm \
+  --gin_files $(dataset_registries) "$model_dir/t5.gin" colm/models/moe_lora_rank16.gin \
+    colm/experiments/train_single_task_loralinear.gin colm/experiments/wandb.gin \
+  --gin_bindings "P/TRAIN/Trainer.datasets=\"D/$dataset/TRAIN\"" "P/EVALUATE/Evaluator.datasets=\"D/$dataset/EVAL\"" \
+    "$extra_bindings"

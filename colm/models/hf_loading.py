@@ -1,0 +1,53 @@
+"""Loading Hugging Face models and tokenizers by hub name or local directory.
+
+The embedded tiny model (`colm/models/tiny/toy_t5`) is an ordinary HF directory, so it goes through the
+same `from_pretrained` path as google/t5-xl-lm-adapt.
+"""
+
+import os
+
+import gin
+import transformers
+
+from colm.utils.paths import expand
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODEL_CLASSES = {
+    "": transformers.AutoModel,
+    "seq2seq_lm": transformers.AutoModelForSeq2SeqLM,
+    "causal_lm": transformers.AutoModelForCausalLM,
+}
+
+
+def resolve_name_or_path(name_or_path: str) -> str:
+    """A relative path that exists from the repository root works from any directory."""
+    name_or_path = expand(name_or_path, "model_name_or_path")
+    if not os.path.exists(name_or_path) and os.path.exists(os.path.join(REPO_ROOT, name_or_path)):
+        return os.path.join(REPO_ROOT, name_or_path)
+    return name_or_path
+
+
+def _load(loader, name_or_path: str, what: str):
+    try:
+        return loader(name_or_path)
+    except OSError as error:
+        raise OSError(
+            f"Could not load the {what} {name_or_path!r}: {error}\n"
+            "Without network access use MODEL_TYPE=tiny (the embedded model), or point "
+            "hf_torch_model.model_name_or_path / hf_tokenizer.model_name_or_path at a local copy."
+        ) from error
+
+
+@gin.configurable
+def hf_torch_model(model_name_or_path=gin.REQUIRED, model_class="seq2seq_lm"):
+    if model_class not in MODEL_CLASSES:
+        raise ValueError(f"hf_torch_model.model_class={model_class!r}; choose one of {sorted(MODEL_CLASSES)}.")
+    path = resolve_name_or_path(model_name_or_path)
+    return _load(MODEL_CLASSES[model_class].from_pretrained, path, "model")
+
+
+@gin.configurable
+def hf_tokenizer(model_name_or_path=gin.REQUIRED):
+    path = resolve_name_or_path(model_name_or_path)
+    return _load(transformers.AutoTokenizer.from_pretrained, path, "tokenizer")

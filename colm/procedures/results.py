@@ -1,0 +1,44 @@
+"""Writing evaluation results: `results.txt` (final) or `results_in_training.txt` (during training)."""
+
+import ast
+import os
+import statistics
+
+import gin
+
+from colm.utils.paths import expand
+
+
+@gin.configurable
+def save_results(results, save_dir=gin.REQUIRED, step=None, overwrite=False):
+    save_dir = expand(save_dir, "save_results.save_dir")
+    os.makedirs(save_dir, exist_ok=True)
+    if step is None:
+        path, header = os.path.join(save_dir, "results.txt"), "Final results:"
+    else:
+        path, header = os.path.join(save_dir, "results_in_training.txt"), f"Training step: {step}"
+    with open(path, "w" if overwrite else "a") as f:
+        f.write(f"{header}\n{results!r}\n\n")
+    return path
+
+
+def aggregate(per_dataset: dict) -> dict:
+    """Adds average_score (mean of the datasets' scores) and confidence (population std)."""
+    scores = [r["score"] for r in per_dataset.values()]
+    out = dict(per_dataset)
+    out["average_score"] = round(statistics.fmean(scores), 4) if scores else None
+    out["confidence"] = round(statistics.pstdev(scores), 4) if scores else None
+    return out
+
+
+def read_results(path: str) -> list:
+    """[(header, results dict)] for every evaluation recorded in a results file, in file order."""
+    entries, header = [], None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("{"):
+                entries.append((header, ast.literal_eval(line)))
+            elif line.endswith(":"):
+                header = line[:-1]
+    return entries

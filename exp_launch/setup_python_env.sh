@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtual environment in .venv and installs the
+# pinned requirements. Idempotent: it reinstalls only when a requirements file changed.
+# Usage: bash exp_launch/setup_python_env.sh [--dev]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${COLM_VENV:-$root/.venv}"
+reqs="$root/requirements.txt"
+[ "${1:-}" = "--dev" ] && reqs="$root/requirements-dev.txt"
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  "$python" -m venv "$venv"
+fi
+stamp="$venv/.colm-installed-$(basename "$reqs")"
+want="$(cat "$root/requirements.txt" "$reqs" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing $(basename "$reqs") into $venv (first run takes a few minutes)"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r "$reqs"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,50 @@
+import os
+
+# No network here: every loader must work offline, and wandb must not try to log in.
+for var, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                   # Tiny models gain nothing from intra-op threads, and spinning OpenMP threads slow
+                   # everything tenfold when another process shares the two cores.
+                   "OMP_NUM_THREADS": "1"}.items():
+    os.environ.setdefault(var, value)
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from colm import configurables, registry  # noqa: E402,F401
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_T5 = os.path.join(REPO_ROOT, "colm/models/tiny/toy_t5")
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    registry.reset()
+    yield
+    gin.clear_config()
+    registry.reset()
+
+
+@pytest.fixture
+def make_model():
+    """Builds the tiny T5 Model (fresh weights from disk) with the given init moma calls."""
+    from colm.models.hf_loading import hf_tokenizer, hf_torch_model
+    from colm.models.model import Model
+
+    def make(init_moma_calls=(), trainable_params="all", device="cpu"):
+        torch.manual_seed(0)
+        return Model(name="M/MODEL", torch_model=hf_torch_model(TINY_T5), tokenizer=hf_tokenizer(TINY_T5),
+                     init_moma_calls=init_moma_calls, trainable_params=trainable_params, device=device)
+
+    return make
+
+
+@pytest.fixture
+def in_tmp_repo(tmp_path, monkeypatch):
+    """Runs a test from a temporary directory whose exp_out/ is private, with the repo's files reachable."""
+    for name in ("colm", "exp_launch", "scripts"):
+        os.symlink(os.path.join(REPO_ROOT, name), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
