@@ -10,5 +10,5 @@ source exp_launch/setup_environment_variable.sh
 # Tiny models gain nothing from intra-op threads; spinning OpenMP threads slow a shared 2-core machine tenfold.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-"$PYTHON_EXEC" -m ruff check colm scripts tests benchmarks
+"$PYTHON_EXEC" -m ruff check .
 "$PYTHON_EXEC" -m pytest "$@"
