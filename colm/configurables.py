@@ -3,6 +3,6 @@
 from colm import registry  # noqa: F401  build
 from colm.datasets import dataset, local, metrics, toy  # noqa: F401
 from colm.models import hf_loading, model  # noqa: F401
-from colm.moma import hiddens, lora, weights  # noqa: F401
+from colm.moma import hiddens, lora, moe, weights  # noqa: F401
 from colm.procedures import analysis, batchers, evaluator, optim, results, trainer  # noqa: F401
 from colm.utils import logging  # noqa: F401

@@ -2,8 +2,11 @@
 
 import json
 import os
+import pickle
 
 import gin
+import numpy as np
+import torch
 
 from colm.utils.atomic import atomic_path
 from colm.utils.paths import expand
@@ -56,3 +59,124 @@ class WriteOutputText(AnalysisProcessor):
             with open(tmp, "w") as f:
                 json.dump(self.records, f, indent=1)
         self.records = []
+
+
+def _routing_entries(global_hidden_dict):
+    """{module name: routing probabilities} for every router output in the dict."""
+    return {key[2]: (key, value) for key, value in global_hidden_dict.items()
+            if isinstance(key, tuple) and key[0] == "routing_weights" and len(key) == 3}
+
+
+def _encoder_side(module_name):
+    return module_name.startswith("encoder") or module_name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
+
+
+def routed_token_probs(batch, outputs, global_hidden_dict, pad_id):
+    """{module: (tokens, N) probabilities of the tokens that count}: real encoder tokens; decoder tokens of
+    the predicted choice (rank classification) or of the generated text; one row per example for
+    sentence-level routing."""
+    encoder_weights = next((v for k, v in global_hidden_dict.items() if isinstance(k, tuple) and k[0] == "mask"), None)
+    out = {}
+    for module, (key, probs) in _routing_entries(global_hidden_dict).items():
+        if probs.dim() == 2:
+            out[module] = probs
+            continue
+        rows = probs.shape[0]
+        if _encoder_side(module):
+            mask = encoder_weights > 0
+            mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)[:, -probs.shape[1]:]
+            out[module] = probs[mask]
+        elif "prediction" in outputs:
+            choices = batch["answer_choices_ids"]
+            b, c, t = choices.shape
+            picked = torch.arange(b, device=probs.device) * c + outputs["prediction"].to(probs.device)
+            mask = choices[torch.arange(b), outputs["prediction"].cpu()].to(probs.device) != pad_id
+            out[module] = probs[picked][mask[:, : probs.shape[1]]]
+        elif "output_ids" in outputs:
+            steps = torch.cat(global_hidden_dict[key + ("concatenated",)], dim=1)
+            produced = outputs["output_ids"][:, 1 : steps.shape[1] + 1].to(steps.device) != pad_id
+            out[module] = steps[:, : produced.shape[1]][produced]
+    return out
+
+
+@gin.configurable
+class RoutingDistribution(AnalysisProcessor):
+    """Per dataset: `<save_dir>/<dataset>.pickle` = {module: mean routing probability vector (N)} over the
+    tokens that count, and `<dataset>.png`, a heatmap of experts by module."""
+
+    def __init__(self, save_dir=gin.REQUIRED):
+        super().__init__(save_dir)
+        self.sums, self.counts, self.results = {}, {}, {}
+
+    def batch_process(self, batch, outputs, global_hidden_dict, model):
+        for module, probs in routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id).items():
+            self.sums[module] = self.sums.get(module, 0) + probs.float().sum(dim=0).cpu()
+            self.counts[module] = self.counts.get(module, 0) + probs.shape[0]
+
+    def dataset_process(self, dataset_name):
+        means = {m: (self.sums[m] / max(self.counts[m], 1)).numpy() for m in self.sums}
+        self.sums, self.counts = {}, {}
+        self.results[dataset_name] = means
+        with atomic_path(self.path_for(dataset_name, ".pickle")) as tmp:
+            with open(tmp, "wb") as f:
+                pickle.dump(means, f)
+        if means:
+            save_heatmap(means, self.path_for(dataset_name, ".png"), f"Routing distribution: {dataset_name}")
+
+
+def save_heatmap(means: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modules = list(means)
+    matrix = np.stack([means[m] for m in modules])
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * matrix.shape[1] + 3), max(3, 0.18 * len(modules) + 1.5)))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("module")
+    ax.set_yticks(range(len(modules)))
+    ax.set_yticklabels([m.replace(".layer.", ".").replace("block.", "") for m in modules], fontsize=5)
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+@gin.configurable
+class EntropyDistribution(AnalysisProcessor):
+    """Per dataset: a histogram of routing entropies (bits) over all routed tokens and modules
+    (`<save_dir>/<dataset>.png`) and the mean entropy per module (`<dataset>.pickle`)."""
+
+    def __init__(self, save_dir=gin.REQUIRED):
+        super().__init__(save_dir)
+        self.entropies = {}
+
+    def batch_process(self, batch, outputs, global_hidden_dict, model):
+        for module, probs in routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id).items():
+            p = probs.float().clamp_min(1e-12)
+            self.entropies.setdefault(module, []).append((-(p * p.log2()).sum(dim=-1)).cpu())
+
+    def dataset_process(self, dataset_name):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        per_module = {m: torch.cat(v) for m, v in self.entropies.items()}
+        self.entropies = {}
+        with atomic_path(self.path_for(dataset_name, ".pickle")) as tmp:
+            with open(tmp, "wb") as f:
+                pickle.dump({m: float(v.mean()) for m, v in per_module.items()}, f)
+        if per_module:
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.hist(torch.cat(list(per_module.values())).numpy(), bins=40)
+            ax.set_xlabel("routing entropy (bits)")
+            ax.set_title(f"Entropy distribution: {dataset_name}", fontsize=8)
+            fig.tight_layout()
+            with atomic_path(self.path_for(dataset_name, ".png")) as tmp:
+                fig.savefig(tmp, format="png", dpi=120)
+            plt.close(fig)

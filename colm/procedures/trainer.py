@@ -125,6 +125,11 @@ class Trainer(Procedure):
                 for call in self.save_model_moma_calls:
                     call(model)
         bar.close()
+        interval = self.validation_step_interval
+        if interval and self.validate_procedure and self.state["step"] % interval:
+            # Validate the final weights too, so best.pt always reflects the end of training (the original
+            # wrote no best.pt at all when num_steps was not a multiple of the interval).
+            self.validate_procedure.run_in_scope(step=self.state["step"])
         model.eval()
         for call in self.finish_moma_calls:
             call(model)

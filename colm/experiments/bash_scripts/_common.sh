@@ -59,3 +59,10 @@ run_colm() {
   echo "[launcher] EXP_NAME=$EXP_NAME $PYTHON_EXEC -m colm.main $*" >&2
   "$PYTHON_EXEC" -m colm.main "$@"
 }
+
+# Router flags shared by the MoE launchers: -score_type, -scaling_scores, -elementwise_affine.
+router_bindings() {
+  echo "M/MODEL/Router.score_type=\"${score_type:-original}\""
+  echo "M/MODEL/Router.scaling_scores=${scaling_scores:-True}"
+  echo "M/MODEL/Router.elementwise_affine=${elementwise_affine:-False}"
+}

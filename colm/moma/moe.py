@@ -1,0 +1,334 @@
+"""Mixture of LoRA experts: Router and FFNExperts addons, and the moma calls make_moe / extend_moe.
+
+Per linear module (per-token routing, "A2"): ExposeHidden (before) puts the module input x in the shared
+dict; the Router turns it into routing probabilities over N experts; FFNExperts adds
+sum_{top-k} p_j (x layer1_j layer2_j) / r to the module output, computing only the chosen experts
+(colm/moma/routing.py). With sentence-level routing (ExposeHidden reduction masked_mean / mean) the router
+sees one vector per example and every token of that example gets the example's weights: one code path.
+
+Experts are held stacked (N x d_in x r, N x r x d_out, N x d_router). State-dict hooks read and write the
+original's per-expert keys `layer1__<i>`, `layer2__<i>`, `expert_embeddings__<i>`, and loading a
+checkpoint into a model with no experts creates them in index order (see `prepare_load`).
+"""
+
+import re
+
+import gin
+import torch
+from torch import nn
+
+from colm.moma import routing
+from colm.moma.addons import Addon
+
+SCORE_TYPES = ("original", "dot", "cosine", "weighted_cosine", "arrow")
+
+
+class MoELink:
+    """Ties one router to its expert layers; holds the ordered expert identifiers ("_0", "_1", ...)."""
+
+    def __init__(self):
+        self.identifiers = []
+        self.members = []
+
+    def __len__(self):
+        return len(self.identifiers)
+
+    def extend(self, num_new_experts, weight_init="from_scratch", identifier_stem=""):
+        used = [int(i.rsplit("_", 1)[1]) for i in self.identifiers if i.rsplit("_", 1)[0] == identifier_stem]
+        start = max(used, default=-1) + 1
+        self.identifiers += [f"{identifier_stem}_{start + k}" for k in range(num_new_experts)]
+        for member in self.members:
+            member.grow(num_new_experts, weight_init)
+
+    def adopt(self, identifiers, source):
+        """Sets the experts a checkpoint defines on a link that has none yet."""
+        if self.identifiers:
+            if list(identifiers) != self.identifiers[: len(identifiers)]:
+                raise ValueError(
+                    f"{source} holds experts {list(identifiers)[:5]}... but the model already has "
+                    f"{self.identifiers[:5]}...; load it into a model without experts (no extend_moe)."
+                )
+            return
+        self.identifiers = list(identifiers)
+        for member in self.members:
+            member.grow(len(identifiers), "from_scratch")
+
+
+def _identifier_key(identifier):
+    stem, number = identifier.rsplit("_", 1)
+    return stem, int(number)
+
+
+class ExtendableAddon(Addon):
+    """An addon whose parameters listed in `stacked` have one row per expert of its MoELink."""
+
+    stacked: tuple = ()
+
+    def __init__(self, global_hidden_dict, host_name, link):
+        super().__init__(global_hidden_dict, host_name)
+        self.link = link
+        link.members.append(self)
+        self.register_state_dict_post_hook(ExtendableAddon._split_experts)
+        self.register_load_state_dict_pre_hook(ExtendableAddon._stack_experts)
+
+    # --- per-expert keys <-> stacked parameters --------------------------------------------------
+    @staticmethod
+    def _split_experts(module, state_dict, prefix, local_metadata):
+        for name in module.stacked:
+            stacked = state_dict.pop(prefix + name)
+            for row, identifier in enumerate(module.link.identifiers):
+                state_dict[f"{prefix}{name}_{identifier}"] = stacked[row]
+
+    @staticmethod
+    def _stack_experts(module, state_dict, prefix, *args):
+        for name in module.stacked:
+            keys = [f"{prefix}{name}_{identifier}" for identifier in module.link.identifiers]
+            present = [k in state_dict for k in keys]
+            if not any(present):
+                continue
+            if not all(present):
+                missing = [k for k, p in zip(keys, present) if not p]
+                raise KeyError(f"Checkpoint has some experts of {prefix}{name} but not {missing[:3]}.")
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+
+    def prepare_load(self, prefix, state_dict):
+        name = self.stacked[0]
+        pattern = re.compile(re.escape(prefix + name) + r"_(.*_\d+)$")
+        identifiers = [m.group(1) for key in state_dict if (m := pattern.match(key))]
+        if identifiers:
+            self.link.adopt(sorted(identifiers, key=_identifier_key), prefix + name)
+            self.match_checkpoint_shapes(prefix, state_dict)
+
+    def match_checkpoint_shapes(self, prefix, state_dict):
+        pass
+
+    def grow(self, num_new, weight_init):
+        for name in self.stacked:
+            old = getattr(self, name)
+            if weight_init == "average" and old.shape[0] > 0:
+                new_rows = old.detach().mean(dim=0, keepdim=True).expand(num_new, *old.shape[1:])
+            elif weight_init in ("from_scratch", "average"):
+                new_rows = self.fresh_rows(name, num_new).to(old.device, old.dtype)
+            else:
+                raise ValueError(f"extend_moe.weight_init={weight_init!r}; choose 'from_scratch' or 'average'.")
+            setattr(self, name, nn.Parameter(torch.cat([old.detach(), new_rows]), requires_grad=old.requires_grad))
+
+    def fresh_rows(self, name, num_new):
+        raise NotImplementedError
+
+
+def resolve_size(value, host, model_config):
+    """'host_module.in_features' / 'host_module.out_features' / 'model.d_model' or a number."""
+    if isinstance(value, str):
+        owner, attribute = value.split(".", 1)
+        source = host if owner == "host_module" else model_config
+        if not hasattr(source, attribute):
+            raise ValueError(f"Cannot resolve size {value!r} for module {type(host).__name__}.")
+        return getattr(source, attribute)
+    return value
+
+
+@gin.configurable
+class Router(ExtendableAddon):
+    """Routing probabilities over the link's experts from an exposed hidden state.
+
+    score_type: "original" (standardise both sides), "dot", "cosine", "weighted_cosine" (cosine with a learned
+    elementwise weight on the expert vectors), "arrow" (|x.g| / temperature); times sqrt(1/d) when
+    scaling_scores. router_type "smear" (softmax) or "top1".
+    """
+
+    stacked = ("expert_embeddings",)
+    has_pre_forward = True
+
+    def __init__(self, global_hidden_dict, host_name, link, read_key, write_key, host, model_config,
+                 d_router=gin.REQUIRED,
+                 position="before", router_type="smear", score_type="original", scaling_scores=True,
+                 temperature=10.0, elementwise_affine=False, epsilon=1e-6):
+        super().__init__(global_hidden_dict, host_name, link)
+        if score_type not in SCORE_TYPES:
+            raise ValueError(f"Router.score_type={score_type!r}; choose one of {SCORE_TYPES}.")
+        if router_type not in routing.ROUTER_TYPES:
+            raise ValueError(f"Router.router_type={router_type!r}; choose one of {routing.ROUTER_TYPES}.")
+        if elementwise_affine not in (False, "False"):
+            raise NotImplementedError("Router.elementwise_affine=True is not supported; use score_type options.")
+        if position != "before":
+            raise NotImplementedError("Router.position must be 'before'.")
+        self.read_key, self.write_key = read_key, write_key
+        self.d_router = d_router = resolve_size(d_router, host, model_config)
+        self.router_type, self.score_type = router_type, score_type
+        self.scaling_scores = scaling_scores in (True, "True")
+        self.temperature = temperature
+        self.expert_embeddings = nn.Parameter(torch.zeros(0, d_router))
+        if score_type == "weighted_cosine":
+            self.weights = nn.Parameter(torch.ones(d_router))
+        # Decoder routers also keep every step's weights, so generated tokens can be analysed.
+        self.concatenate = "decoder" in host_name and not re.search(r"EncDecAttention\.[kv]$", host_name)
+        self._prepared, self._prepared_for = None, None
+
+    def fresh_rows(self, name, num_new):
+        return torch.zeros(num_new, self.d_router)
+
+    def prepared_vectors(self):
+        """Standardised / normalised router vectors, recomputed only when the vectors change."""
+        g = self.expert_embeddings
+        base_type = "cosine" if self.score_type == "weighted_cosine" else self.score_type
+        if g.requires_grad or self.score_type == "weighted_cosine":
+            prepared = routing.prepare_router_vectors(g, base_type)
+            return prepared * self.weights if self.score_type == "weighted_cosine" else prepared
+        version = (g.data_ptr(), g._version, g.dtype, g.device, tuple(g.shape))
+        if self._prepared_for != version:
+            with torch.no_grad():
+                self._prepared = routing.prepare_router_vectors(g.float(), base_type)
+            self._prepared_for = version
+        return self._prepared
+
+    def pre_forward(self, args, kwargs):
+        if len(self.link) == 0:
+            raise RuntimeError(f"Router on {self.host_name} has no experts: load a checkpoint or call extend_moe.")
+        hidden = self.global_hidden_dict[self.read_key]
+        base_type = "cosine" if self.score_type == "weighted_cosine" else self.score_type
+        probs = routing.router_probs(hidden.float(), self.prepared_vectors(), base_type, self.scaling_scores,
+                                     self.router_type, self.temperature)
+        self.global_hidden_dict[self.write_key] = probs
+        if self.concatenate:
+            self.global_hidden_dict.setdefault(self.write_key + ("concatenated",), []).append(probs)
+        return None
+
+
+@gin.configurable
+class FFNExperts(ExtendableAddon):
+    """LoRA experts beside a linear: adds sum_j w_j (x layer1_j layer2_j) [/ r] to its output.
+
+    topk_value: keep the k most probable experts per token (clamped to N), renormalised if normalize_topk;
+    None: every expert with its weight (exact mixture; one expert at weight 1 is the single-expert case).
+    learn_input_gate="only_sigmoid": PHATGOOSE gate training; each token's expert input is scaled by
+    sigmoid(g . x) with one zero-initialised gate vector g per module (`expert_input_gate`).
+    The scale 1/d_bottleneck is the configured rank; a loaded expert keeps its own rank (a merged expert of
+    rank N*r still divides by r).
+    """
+
+    stacked = ("layer1", "layer2")
+    has_post_forward = True
+
+    def __init__(self, global_hidden_dict, host_name, link, read_key, host, model_config, d_in=gin.REQUIRED,
+                 d_out=gin.REQUIRED,
+                 d_bottleneck=16, non_linearity="identity", normalize_topk=False, topk_value=None,
+                 position="beside", residual_connection=False, divide_by_d_bottleneck=False,
+                 learn_input_gate=None, use_input_gate=False, init_scale=0.01, epsilon=1e-6):
+        super().__init__(global_hidden_dict, host_name, link)
+        if non_linearity != "identity" or position != "beside" or residual_connection or use_input_gate:
+            raise NotImplementedError(
+                "FFNExperts supports non_linearity='identity', position='beside', no residual_connection and "
+                "use_input_gate=False (the PHATGOOSE settings)."
+            )
+        if learn_input_gate not in (None, "None", "only_sigmoid"):
+            raise NotImplementedError(f"FFNExperts.learn_input_gate={learn_input_gate!r}; use 'only_sigmoid' or None.")
+        self.read_key = read_key
+        d_in, d_out = resolve_size(d_in, host, model_config), resolve_size(d_out, host, model_config)
+        self.d_in, self.d_out, self.d_bottleneck = d_in, d_out, d_bottleneck
+        self.topk_value = None if topk_value in (None, "None") else int(topk_value)
+        self.normalize_topk = normalize_topk in (True, "True")
+        self.scale = 1.0 / d_bottleneck if divide_by_d_bottleneck in (True, "True") else 1.0
+        self.init_scale, self.epsilon = init_scale, epsilon
+        self.layer1 = nn.Parameter(torch.zeros(0, d_in, d_bottleneck))
+        self.layer2 = nn.Parameter(torch.zeros(0, d_bottleneck, d_out))
+        self.learn_input_gate = learn_input_gate == "only_sigmoid"
+        if self.learn_input_gate:
+            self.expert_input_gate = nn.Parameter(torch.zeros(d_in))
+
+    def fresh_rows(self, name, num_new):
+        rank = self.layer1.shape[2]
+        if name == "layer1":
+            return torch.randn(num_new, self.d_in, rank) * self.init_scale
+        return torch.zeros(num_new, rank, self.d_out)
+
+    def match_checkpoint_shapes(self, prefix, state_dict):
+        first = state_dict.get(f"{prefix}layer1_{self.link.identifiers[0]}")
+        if first is not None and first.dim() == 2 and first.shape[1] != self.layer1.shape[2]:
+            rank = first.shape[1]  # e.g. a merged expert of rank N*r
+            self.layer1 = nn.Parameter(self.layer1.new_zeros(len(self.link), self.d_in, rank))
+            self.layer2 = nn.Parameter(self.layer2.new_zeros(len(self.link), rank, self.d_out))
+
+    def routing_weights(self, rows, length):
+        """(indices, weights) of shape (rows, length, k) from the router's output."""
+        probs = self.global_hidden_dict[self.read_key]
+        if probs.shape[0] != rows:  # rank classification repeats each example once per answer choice
+            probs = probs.repeat_interleave(rows // probs.shape[0], dim=0)
+        if probs.dim() == 2:  # one distribution per example: every token gets it
+            probs = probs[:, None, :].expand(rows, length, probs.shape[-1])
+        if self.topk_value is not None:
+            return routing.topk_weights(probs, self.topk_value, self.normalize_topk, self.epsilon)
+        experts = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+        return experts, probs
+
+    def post_forward(self, args, kwargs, output):
+        x = args[0] if args else kwargs["input"]
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        indices, weights = self.routing_weights(x.shape[0], x.shape[1])
+        if self.learn_input_gate:
+            gate = torch.sigmoid(x.to(self.expert_input_gate.dtype) @ self.expert_input_gate)
+            x = x * gate.unsqueeze(-1).to(x.dtype)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.layer1.requires_grad or self.layer2.requires_grad)
+        if not grad:  # inference: accumulate into the host's output in place
+            return routing.routed_lora(x, self.layer1, self.layer2, indices, weights, self.scale,
+                                       out=output.view(x.shape[:-1] + (output.shape[-1],))).view(output.shape)
+        delta = routing.routed_lora(x, self.layer1, self.layer2, indices, weights, self.scale)
+        return output + delta.view(output.shape).to(output.dtype)
+
+
+def _nearest(name, candidates):
+    """The candidate sharing the longest common prefix with `name` (ties: the shorter candidate)."""
+    def common(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    return max(candidates, key=lambda c: (common(name, c), -len(c)))
+
+
+@gin.configurable
+def make_moe(model, expert_class="ffn", expert_modules=gin.REQUIRED, router_modules=gin.REQUIRED,
+             expert_addon_name="expert", router_addon_name="router", expose_hiddens_addon_name="expose_hiddens"):
+    if expert_class != "ffn":
+        raise NotImplementedError(f"make_moe.expert_class={expert_class!r}; only 'ffn' (LoRA experts) is supported.")
+    exposers = model.addons.get(expose_hiddens_addon_name, {})
+    if not exposers:
+        raise ValueError(f"make_moe: no '{expose_hiddens_addon_name}' addons; call watch_hiddens first.")
+    config = model.torch_model.config
+    routers = {}
+    for name, host in model.match_modules(router_modules).items():
+        source = _nearest(name, list(exposers))
+        router = Router(model.global_hidden_dict, name, MoELink(), exposers[source].write_key,
+                        ("routing_weights", router_addon_name, name), host, config)
+        model.insert_addon(name, router_addon_name, router, order="last")
+        routers[name] = router
+    if not routers:
+        raise ValueError(f"make_moe: router_modules={router_modules!r} matches no module.")
+    order = "inner" if "lora" in expert_addon_name else "last" if "adapter" in expert_addon_name else None
+    if order is None:
+        raise ValueError(f"make_moe.expert_addon_name={expert_addon_name!r} must contain 'lora' or 'adapter'.")
+    all_routers = {**model.addons.get(router_addon_name, {}), **routers}
+    experts = model.match_modules(expert_modules)
+    if not experts:
+        raise ValueError(f"make_moe: expert_modules={expert_modules!r} matches no module.")
+    for name, host in experts.items():
+        router = all_routers[_nearest(name, list(all_routers))]
+        addon = FFNExperts(model.global_hidden_dict, name, router.link, router.write_key, host, config)
+        model.insert_addon(name, expert_addon_name, addon, order=order)
+
+
+@gin.configurable
+def extend_moe(model, num_new_experts=gin.REQUIRED, weight_init="from_scratch", router_addon_name="router",
+               identifier_stem=""):
+    routers = model.addons.get(router_addon_name, {})
+    if not routers:
+        raise ValueError(f"extend_moe: no '{router_addon_name}' addons; call make_moe first.")
+    for router in routers.values():
+        router.link.extend(num_new_experts, weight_init, identifier_stem)
+
+
+def expert_count(model, router_addon_name="router"):
+    counts = {len(r.link) for r in model.addons.get(router_addon_name, {}).values()}
+    return counts.pop() if len(counts) == 1 else sorted(counts)

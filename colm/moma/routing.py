@@ -1,0 +1,279 @@
+"""PHATGOOSE per-token routing among N LoRA experts, as pure functions.
+
+For one linear layer with token activations x (..., d_in):
+  1. score_i  = <standardise(x), standardise(g_i)> * sqrt(1/d_in)        ("original" score type)
+  2. p        = softmax over the N experts                               ("smear" router type)
+  3. keep the k largest p per token, optionally renormalised to sum to one
+  4. dY       = sum_{j in top-k} p_j * (x @ layer1_j @ layer2_j) * scale
+The caller adds dY to the frozen linear output x @ W^T (+ b).
+
+Shapes: g (N, d_in), layer1 (N, d_in, r), layer2 (N, r, d_out). Leading dims of x are kept everywhere
+(probabilities are (..., N), top-k tensors (..., k), dY (..., d_out)).
+
+Speed notes (measured by benchmarks/routing.py):
+  * Only router-side work is precomputed (`prepare_router_vectors`), once per checkpoint load.
+  * Because standardised router vectors have zero mean, <standardise(x), g^_i> = <x, g^_i> / std(x): the
+    standardised x is never materialised, and x @ g^T can share one GEMM with the base weight
+    (`fuse_linear_and_router` / `linear_and_router_scores`).
+  * `routed_lora` only computes the chosen (token, expert) pairs: pairs are sorted by expert and each
+    expert with tokens does one low-rank product on its contiguous slice.
+`dense_reference` is the slow, obviously-correct version that the tests compare against.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SCORE_TYPES = ("original", "dot", "cosine", "arrow")
+ROUTER_TYPES = ("smear", "top1")
+LAYER_NORM_EPS = 1e-5  # eps of the affine-free LayerNorm of the "original" score
+COSINE_EPS = 1e-6  # eps of the L2 normalisation of the "cosine" score
+# Rows of the fused [W | g^] weight are padded to a multiple of this: an odd column count (e.g. 768 + 166)
+# makes the CPU GEMM noticeably slower than a padded one (measured: 1.60x vs 1.24x base at N=166).
+FUSED_ROWS_MULTIPLE = 16
+
+
+def _check_score_type(score_type):
+    if score_type not in SCORE_TYPES:
+        raise ValueError(f"score_type must be one of {SCORE_TYPES}, got {score_type!r}.")
+
+
+def standardize(v, eps=LAYER_NORM_EPS):
+    """(v - mean) / sqrt(biased var + eps) over the last dim: LayerNorm without affine parameters."""
+    var, mean = torch.var_mean(v, dim=-1, correction=0, keepdim=True)
+    return (v - mean) * torch.rsqrt(var + eps)
+
+
+def prepare_router_vectors(g, score_type="original"):
+    """Everything that depends only on the router vectors g (N, d_in); compute once per checkpoint load.
+
+    Returns a (N, d_in) matrix P such that the raw scores are x @ P^T, corrected per token by `router_probs`:
+    standardised g for "original", L2-normalised g for "cosine", g itself for "dot" and "arrow".
+    Differentiable, so the gate-training stage can call it every step instead.
+    """
+    _check_score_type(score_type)
+    if g.dim() != 2:
+        raise ValueError(f"router vectors must be (N, d_in), got shape {tuple(g.shape)}.")
+    if score_type == "original":
+        return standardize(g)
+    if score_type == "cosine":
+        return F.normalize(g, p=2.0, dim=-1, eps=COSINE_EPS)
+    return g
+
+
+def fuse_linear_and_router(weight, prepared):
+    """[W ; P] stacked along output rows, (d_out + N + pad, d_in), so that one GEMM gives x W^T and x P^T.
+
+    `weight` is an F.linear weight (d_out, d_in). Build it once next to `prepare_router_vectors` when W and
+    the router are frozen (inference); `linear_and_router_scores` builds it on the fly otherwise.
+    """
+    d_out, d_in = weight.shape
+    n_experts = prepared.shape[0]
+    pad = -(d_out + n_experts) % FUSED_ROWS_MULTIPLE
+    parts = [weight, prepared.to(weight.dtype)]
+    if pad:
+        parts.append(weight.new_zeros(pad, d_in))
+    return torch.cat(parts, dim=0)
+
+
+def linear_and_router_scores(x, weight, prepared, bias=None, fused_weight=None):
+    """(x W^T + b, x P^T) from a single GEMM. Both outputs are strided views into one (..., d_out + N + pad)
+    tensor. `fused_weight` is the output of `fuse_linear_and_router(weight, prepared)` if precomputed."""
+    d_out = weight.shape[0]
+    n_experts = prepared.shape[0]
+    if fused_weight is None:
+        fused_weight = fuse_linear_and_router(weight, prepared)
+    fused_bias = None
+    if bias is not None:
+        fused_bias = torch.cat([bias, bias.new_zeros(fused_weight.shape[0] - d_out)])
+    y = F.linear(x, fused_weight, fused_bias)
+    return y[..., :d_out], y[..., d_out : d_out + n_experts]
+
+
+def _token_factor(x, score_type):
+    """Per-token multiplier (..., 1), in float32, turning x @ P^T into the un-scaled score (None if 1)."""
+    if score_type == "original":
+        # 1 / std(x) from the first two moments: two cheap reductions instead of torch.var (slow on CPU)
+        # or materialising x - mean. E[x^2] - E[x]^2 loses precision only when |mean| >> std.
+        d_in = x.shape[-1]
+        mean = x.mean(dim=-1, keepdim=True, dtype=torch.float32)
+        mean_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / d_in
+        var = (mean_sq - mean * mean).clamp(min=0.0)
+        return torch.rsqrt(var + LAYER_NORM_EPS)
+    if score_type == "cosine":
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        return 1.0 / norm.clamp(min=COSINE_EPS)
+    return None
+
+
+def router_scores(x, prepared, score_type="original", scaling_scores=True, temperature=10.0, raw_scores=None):
+    """Scores (..., N), float32 (float64 for float64 inputs), before the softmax.
+
+    original: <standardise(x), standardise(g)>, cosine: <x/|x|, g/|g|>, dot: <x, g>, arrow: |<x, g> / temperature|;
+    all times sqrt(1/d_in) if scaling_scores. `raw_scores` = x @ prepared^T if already computed (fused GEMM).
+    """
+    _check_score_type(score_type)
+    d_in = x.shape[-1]
+    if raw_scores is None:
+        dtype = torch.promote_types(x.dtype, prepared.dtype)
+        raw_scores = F.linear(x.to(dtype), prepared.to(dtype))
+    scores = raw_scores.to(torch.promote_types(raw_scores.dtype, torch.float32))
+    factor = _token_factor(x, score_type)
+    if score_type == "arrow":
+        scores = (scores / temperature).abs()
+    if scaling_scores:
+        factor = math.sqrt(1.0 / d_in) if factor is None else factor * math.sqrt(1.0 / d_in)
+    if factor is not None:
+        scores = scores * factor
+    return scores
+
+
+def router_probs(x, prepared, score_type="original", scaling_scores=True, router_type="smear", temperature=10.0,
+                 raw_scores=None):
+    """Routing probabilities (..., N) for tokens x (..., d_in) and prepared router vectors (N, d_in).
+
+    router_type "smear": softmax over experts; "top1": the softmax with every entry but the argmax zeroed
+    (not renormalised).
+    """
+    if router_type not in ROUTER_TYPES:
+        raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}.")
+    scores = router_scores(x, prepared, score_type, scaling_scores, temperature, raw_scores)
+    probs = torch.softmax(scores, dim=-1)
+    if router_type == "top1":
+        top = probs.argmax(dim=-1, keepdim=True)
+        probs = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+    return probs
+
+
+def topk_weights(probs, k, normalize_topk, eps=1e-6):
+    """(indices, weights), both (..., min(k, N)): the k most probable experts per token and their
+    probabilities, divided by (their sum + eps) if normalize_topk."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    k = min(k, probs.shape[-1])
+    # Unsorted: the slot order is irrelevant to the weighted sum, and sorting costs time.
+    weights, indices = torch.topk(probs, k, dim=-1, sorted=False)
+    if normalize_topk:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    return indices, weights
+
+
+def _group_pairs(indices, n_experts):
+    """Sorts the flattened (token, slot) pairs by expert.
+
+    Returns (order, tokens, counts): order[p] is the flat pair index of sorted pair p, tokens[p] its token,
+    counts a Python list of pairs per expert (sorted pairs of expert e are one contiguous slice).
+    """
+    k = indices.shape[-1]
+    flat_experts = indices.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    tokens = torch.div(order, k, rounding_mode="floor")
+    counts = torch.bincount(flat_experts, minlength=n_experts).tolist()
+    return order, tokens, counts
+
+
+def routed_lora(x, layer1, layer2, indices, weights, scale, out=None):
+    """dY (..., d_out) = sum_j weights[..., j] * (x @ layer1[e_j] @ layer2[e_j]) * scale, e_j = indices[..., j].
+
+    Computes only the chosen experts. Differentiable w.r.t. x, layer1, layer2 and weights. Computes in the
+    promoted dtype of x and the LoRA factors (so bf16 activations with fp32 experts run in fp32, like
+    LoRALinear) and returns x's dtype. If `out` (..., d_out) is given, returns out + dY instead; when autograd
+    is not recording, `out` itself is updated in place (saves a zero-fill and an add).
+    """
+    lead = x.shape[:-1]
+    d_in = x.shape[-1]
+    n_experts, _, d_out = layer2.shape
+    if layer1.shape[0] != n_experts or layer1.shape[1] != d_in or layer1.shape[2] != layer2.shape[1]:
+        raise ValueError(f"layer1 {tuple(layer1.shape)} / layer2 {tuple(layer2.shape)} / d_in {d_in} mismatch.")
+    compute_dtype = torch.promote_types(torch.promote_types(x.dtype, layer1.dtype), layer2.dtype)
+    xf = x.reshape(-1, d_in).to(compute_dtype)
+    layer1 = layer1.to(compute_dtype)
+    layer2 = layer2.to(compute_dtype)
+    k = indices.shape[-1]
+    indices = indices.reshape(-1, k)
+    # The scale is folded into the per-pair weights: they multiply the (pairs x r) intermediate, not dY.
+    pair_weights = weights.reshape(-1).to(compute_dtype) * scale
+
+    order, tokens, counts = _group_pairs(indices, n_experts)
+    sorted_weights = pair_weights.index_select(0, order).unsqueeze(1)
+    grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (x, layer1, layer2, weights, out)
+                                                  if t is not None)
+    if grad_needed:
+        delta = _grouped_autograd(xf, layer1, layer2, tokens, sorted_weights, counts)
+        if out is None:
+            return delta.to(x.dtype).reshape(*lead, d_out)
+        return out + delta.to(out.dtype).reshape(out.shape)
+    if out is None:
+        acc = xf.new_zeros(xf.shape[0], d_out)
+    else:
+        acc = out.reshape(-1, d_out)
+        if acc.dtype != compute_dtype:
+            acc = acc.to(compute_dtype)
+    _grouped_inplace(xf, layer1, layer2, tokens, sorted_weights, counts, acc)
+    if out is None:
+        return acc.to(x.dtype).reshape(*lead, d_out)
+    if acc.data_ptr() != out.data_ptr():  # reshape or dtype change made a copy
+        out.copy_(acc.reshape(out.shape))
+    return out
+
+
+def _grouped_autograd(xf, layer1, layer2, tokens, sorted_weights, counts):
+    """Out-of-place grouped computation (autograd records it): returns dY (T, d_out)."""
+    x_sorted = xf.index_select(0, tokens)
+    parts = []
+    for e, (x_e, w_e) in enumerate(zip(x_sorted.split(counts), sorted_weights.split(counts))):
+        if x_e.shape[0] == 0:  # expert chosen by no token
+            continue
+        parts.append(((x_e @ layer1[e]) * w_e) @ layer2[e])
+    return torch.zeros(xf.shape[0], layer2.shape[2], dtype=xf.dtype, device=xf.device).index_add(
+        0, tokens, torch.cat(parts))
+
+
+def _grouped_inplace(xf, layer1, layer2, tokens, sorted_weights, counts, acc):
+    """Same as _grouped_autograd but accumulating into acc (T, d_out) in place; no autograd."""
+    x_sorted = xf.index_select(0, tokens)
+    y_sorted = torch.empty(x_sorted.shape[0], layer2.shape[2], dtype=xf.dtype, device=xf.device)
+    for e, (x_e, w_e, y_e) in enumerate(zip(x_sorted.split(counts), sorted_weights.split(counts),
+                                            y_sorted.split(counts))):
+        if x_e.shape[0] == 0:
+            continue
+        torch.mm(torch.mm(x_e, layer1[e]).mul_(w_e), layer2[e], out=y_e)
+    acc.index_add_(0, tokens, y_sorted)
+
+
+def route_and_apply(x, prepared, layer1, layer2, k, normalize_topk, scale, score_type="original",
+                    scaling_scores=True, router_type="smear", temperature=10.0, raw_scores=None, out=None):
+    """router_probs + topk_weights + routed_lora. Returns (dY, probs); dY is out + dY if `out` is given
+    (see routed_lora), probs (..., N) can be recorded for analysis."""
+    probs = router_probs(x, prepared, score_type, scaling_scores, router_type, temperature, raw_scores)
+    indices, weights = topk_weights(probs, k, normalize_topk)
+    return routed_lora(x, layer1, layer2, indices, weights, scale, out=out), probs
+
+
+def dense_reference(x, g, layer1, layer2, k, normalize_topk, scale, score_type="original", scaling_scores=True,
+                    router_type="smear", temperature=10.0):
+    """REFERENCE ONLY (tests): steps 1-5 done the slow, obvious way, every expert on every token."""
+    d_in = x.shape[-1]
+    n_experts = g.shape[0]
+    if score_type == "original":
+        scores = F.layer_norm(x, (d_in,), eps=LAYER_NORM_EPS) @ F.layer_norm(g, (d_in,), eps=LAYER_NORM_EPS).T
+    elif score_type == "cosine":
+        scores = F.normalize(x, dim=-1, eps=COSINE_EPS) @ F.normalize(g, dim=-1, eps=COSINE_EPS).T
+    elif score_type == "dot":
+        scores = x @ g.T
+    elif score_type == "arrow":
+        scores = torch.abs(x @ g.T / temperature)
+    else:
+        raise ValueError(score_type)
+    if scaling_scores:
+        scores = scores * math.sqrt(1.0 / d_in)
+    probs = torch.softmax(scores, dim=-1)
+    if router_type == "top1":
+        probs = probs * F.one_hot(probs.argmax(dim=-1), n_experts).to(probs.dtype)
+    kept, chosen = torch.topk(probs, min(k, n_experts), dim=-1)
+    if normalize_topk:
+        kept = kept / (kept.sum(dim=-1, keepdim=True) + 1e-6)
+    gate = torch.zeros_like(probs).scatter(-1, chosen, kept)  # (..., N), zero outside the top k
+    every_expert = torch.einsum("...d,ndr,nro->...no", x, layer1, layer2) * scale  # (..., N, d_out)
+    return torch.einsum("...n,...no->...o", gate, every_expert)

@@ -1,0 +1,207 @@
+"""colm.moma.routing against explicit formulas and the dense (every expert, every token) reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from colm.moma import routing
+
+D_IN, D_OUT, RANK = 24, 20, 4
+
+
+def make_inputs(n_experts, lead=(3, 5), d_in=D_IN, d_out=D_OUT, rank=RANK, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d_in, generator=gen).to(dtype)
+    g = torch.randn(n_experts, d_in, generator=gen).to(dtype)
+    layer1 = torch.randn(n_experts, d_in, rank, generator=gen).to(dtype)
+    layer2 = torch.randn(n_experts, rank, d_out, generator=gen).to(dtype)
+    return x, g, layer1, layer2
+
+
+def routed(x, g, layer1, layer2, k, normalize, score_type="original", **kwargs):
+    prepared = routing.prepare_router_vectors(g, score_type)
+    delta, _ = routing.route_and_apply(x, prepared, layer1, layer2, k, normalize, 1.0 / RANK,
+                                       score_type=score_type, **kwargs)
+    return delta
+
+
+@pytest.mark.parametrize("n_experts", [1, 2, 7])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_routed_matches_dense_reference(n_experts, k, normalize, grad_mode):
+    x, g, layer1, layer2 = make_inputs(n_experts, seed=n_experts * 10 + k)
+    expected = routing.dense_reference(x, g, layer1, layer2, k, normalize, 1.0 / RANK)
+    with torch.set_grad_enabled(grad_mode):  # no-grad takes the in-place fast path
+        got = routed(x, g, layer1, layer2, k, normalize)
+    assert got.shape == (3, 5, D_OUT)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score_type", ["dot", "cosine", "arrow"])
+@pytest.mark.parametrize("router_type", ["smear", "top1"])
+def test_routed_matches_dense_reference_other_routers(score_type, router_type):
+    x, g, layer1, layer2 = make_inputs(5, seed=3)
+    kwargs = dict(score_type=score_type, router_type=router_type, scaling_scores=False, temperature=3.0)
+    expected = routing.dense_reference(x, g, layer1, layer2, 2, True, 1.0 / RANK, **kwargs)
+    torch.testing.assert_close(routed(x, g, layer1, layer2, 2, True, **kwargs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_standardize_is_affine_free_layer_norm():
+    v = torch.randn(6, 33) * 3 + 2
+    torch.testing.assert_close(routing.standardize(v), F.layer_norm(v, (33,), eps=1e-5))
+
+
+def test_original_probs_match_layer_norm_formula():
+    # Offset and scaled activations: the moment-based per-token std must still match LayerNorm.
+    x = torch.randn(4, 7, D_IN) * 5 + 3
+    g = torch.randn(9, D_IN) * 2 - 1
+    z, g_hat = F.layer_norm(x, (D_IN,), eps=1e-5), F.layer_norm(g, (D_IN,), eps=1e-5)
+    expected = torch.softmax(z @ g_hat.T / math.sqrt(D_IN), dim=-1)
+    got = routing.router_probs(x, routing.prepare_router_vectors(g, "original"), "original")
+    assert got.shape == (4, 7, 9)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    unscaled = routing.router_probs(x, routing.prepare_router_vectors(g), scaling_scores=False)
+    torch.testing.assert_close(unscaled, torch.softmax(z @ g_hat.T, dim=-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [True, False])
+def test_other_score_types_match_formulas(scaling):
+    x = torch.randn(11, D_IN)
+    g = torch.randn(6, D_IN)
+    x[0] = 0.0  # cosine eps: a zero token or router vector must give zero scores, not NaN
+    g[1] = 0.0
+    factor = math.sqrt(1.0 / D_IN) if scaling else 1.0
+    cos = (x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)) @ (g / g.norm(dim=-1, keepdim=True).clamp(min=1e-6)).T
+    expected = {"dot": x @ g.T, "cosine": cos, "arrow": torch.abs(x @ g.T / 7.0)}
+    for score_type, scores in expected.items():
+        prepared = routing.prepare_router_vectors(g, score_type)
+        got = routing.router_probs(x, prepared, score_type, scaling_scores=scaling, temperature=7.0)
+        torch.testing.assert_close(got, torch.softmax(scores * factor, dim=-1), atol=1e-6, rtol=1e-5)
+    # The default arrow temperature is 10.
+    got = routing.router_probs(x, g, "arrow", scaling_scores=scaling)
+    torch.testing.assert_close(got, torch.softmax(torch.abs(x @ g.T / 10.0) * factor, dim=-1))
+
+
+def test_raw_scores_from_fused_gemm():
+    x, g, _, _ = make_inputs(5)
+    weight, bias = torch.randn(D_OUT, D_IN), torch.randn(D_OUT)
+    prepared = routing.prepare_router_vectors(g)
+    fused = routing.fuse_linear_and_router(weight, prepared)
+    assert fused.shape[0] % routing.FUSED_ROWS_MULTIPLE == 0
+    for fused_weight in (None, fused):
+        base, raw = routing.linear_and_router_scores(x, weight, prepared, bias=bias, fused_weight=fused_weight)
+        torch.testing.assert_close(base, F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(raw, x @ prepared.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(routing.router_probs(x, prepared, raw_scores=raw),
+                                   routing.router_probs(x, prepared), atol=1e-6, rtol=1e-5)
+
+
+def test_top1_router_zeros_all_but_argmax():
+    x, g, _, _ = make_inputs(6)
+    prepared = routing.prepare_router_vectors(g)
+    smear = routing.router_probs(x, prepared, router_type="smear")
+    top1 = routing.router_probs(x, prepared, router_type="top1")
+    best = smear.argmax(dim=-1, keepdim=True)
+    assert ((top1 > 0).sum(dim=-1) == 1).all()
+    torch.testing.assert_close(top1.gather(-1, best), smear.gather(-1, best))  # kept value not renormalised
+    assert torch.equal(top1.argmax(dim=-1, keepdim=True), best)
+
+
+def test_topk_weights_clamps_k_and_normalises():
+    probs = torch.softmax(torch.randn(4, 3), dim=-1)
+    indices, weights = routing.topk_weights(probs, 5, normalize_topk=False)
+    assert indices.shape == weights.shape == (4, 3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+    indices, weights = routing.topk_weights(probs, 2, normalize_topk=True)
+    assert set(indices[0].tolist()) == set(probs[0].topk(2).indices.tolist())
+    kept = probs.gather(-1, indices)
+    torch.testing.assert_close(weights, kept / (kept.sum(-1, keepdim=True) + 1e-6))
+    with pytest.raises(ValueError):
+        routing.topk_weights(probs, 0, True)
+
+
+def test_k_larger_than_n_experts_is_clamped():
+    x, g, layer1, layer2 = make_inputs(3)
+    expected = routing.dense_reference(x, g, layer1, layer2, 3, False, 1.0 / RANK)
+    torch.testing.assert_close(routed(x, g, layer1, layer2, 10, False), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_experts_without_tokens_and_zero_weights(grad_mode):
+    x, _, layer1, layer2 = make_inputs(6, lead=(8,))
+    indices = torch.tensor([[0, 2]] * 4 + [[2, 5]] * 4)  # experts 1, 3, 4 get no token
+    weights = torch.rand(8, 2)
+    weights[1, 0] = 0.0  # a kept slot with weight exactly 0 contributes nothing
+    weights[6] = 0.0
+    expected = torch.zeros(8, D_OUT)
+    for t in range(8):
+        for j in range(2):
+            e = indices[t, j]
+            expected[t] += weights[t, j] * (x[t] @ layer1[e] @ layer2[e]) * 0.5
+    with torch.set_grad_enabled(grad_mode):
+        got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[6], torch.zeros(D_OUT))
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_out_argument_accumulates(grad_mode):
+    x, _, layer1, layer2 = make_inputs(4)
+    indices = torch.randint(0, 4, (3, 5, 2))
+    weights = torch.rand(3, 5, 2)
+    delta = routing.routed_lora(x, layer1, layer2, indices, weights, 0.25)
+    start = torch.randn(3, 5, D_OUT)
+    with torch.set_grad_enabled(grad_mode):
+        got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.25, out=start.clone())
+    torch.testing.assert_close(got, start + delta)
+
+
+@pytest.mark.parametrize("n_experts,k", [(1, 1), (5, 2)])
+def test_gradients_match_dense_reference(n_experts, k):
+    x, g, layer1, layer2 = make_inputs(n_experts, seed=7)
+    grads = []
+    for fn in (routed, routing.dense_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, g, layer1, layer2)]
+        upstream = torch.randn(3, 5, D_OUT, generator=torch.Generator().manual_seed(1))
+        if fn is routed:
+            out = routed(*leaves, k, True)
+        else:
+            out = routing.dense_reference(*leaves, k, True, 1.0 / RANK)
+        (out * upstream).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, expected in zip(("x", "g", "layer1", "layer2"), *grads):
+        if name == "g" and n_experts == 1:  # a single expert's probability is 1 whatever g: no gradient
+            assert got is None or torch.count_nonzero(got) == 0
+            continue
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_bf16_activations():
+    x, g, layer1, layer2 = make_inputs(4)
+    expected = routing.dense_reference(x.bfloat16().float(), g, layer1, layer2, 2, True, 1.0 / RANK)
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode):
+            got = routed(x.bfloat16(), g, layer1, layer2, 2, True)  # bf16 x, fp32 experts
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+    # Everything bf16 (gradients flow through the bf16 path too).
+    leaves = [t.bfloat16().requires_grad_() for t in (x, g, layer1, layer2)]
+    got = routed(*leaves, 2, True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), routing.dense_reference(*[t.detach().float() for t in leaves], 2, True,
+                                                                    1.0 / RANK), atol=0.1, rtol=5e-2)
+    got.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in leaves)
+
+
+def test_bad_arguments():
+    x, g, layer1, layer2 = make_inputs(3)
+    with pytest.raises(ValueError):
+        routing.prepare_router_vectors(g, "euclid")
+    with pytest.raises(ValueError):
+        routing.router_probs(x, g, router_type="top2")
+    with pytest.raises(ValueError):
+        routing.routed_lora(x, layer1[:, :-1], layer2, torch.zeros(3, 5, 1, dtype=torch.long), torch.ones(3, 5, 1), 1.0)
