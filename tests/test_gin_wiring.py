@@ -4,7 +4,8 @@ import gin
 import pytest
 
 from colm import registry
-from colm.main import main, parse_gin, split_bindings
+from colm.ginparse import parse_gin, split_bindings
+from colm.main import main
 
 TINY = ["colm/datasets/toy.gin", "colm/models/tiny/t5.gin", "colm/models/moe_lora_rank16.gin",
         "colm/experiments/train_single_task_loralinear.gin"]
@@ -15,6 +16,7 @@ def test_split_bindings_keeps_quoted_spaces_and_lists():
     assert split_bindings(text) == ["a.b=1", 'c.d="two words"', 'e.f=["x", "y"]', "g.h='q r'"]
     # the original launchers word-split lists; joining the pieces again must give the same bindings
     assert split_bindings("\n".join(['e.f=["x",', '"y"]'])) == ['e.f=["x",\n"y"]']
+    assert split_bindings("a.b = 1 c.d= 'x y' e.f =[1]") == ["a.b = 1", "c.d= 'x y'", "e.f =[1]"]
     with pytest.raises(ValueError, match="Unbalanced"):
         split_bindings('a.b="open')
 

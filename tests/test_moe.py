@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from colm import registry
-from colm.main import parse_gin
+from colm.ginparse import parse_gin
 from colm.moma import routing
 from colm.moma.moe import expert_count, extend_moe
 

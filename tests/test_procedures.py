@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from colm import registry
-from colm.main import main, parse_gin
+from colm.ginparse import parse_gin
+from colm.main import main
 from colm.procedures.optim import schedule_factor
 
 TRAIN_GINS = ["colm/datasets/toy.gin", "colm/models/tiny/t5.gin", "colm/models/moe_lora_rank16.gin",

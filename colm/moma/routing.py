@@ -32,6 +32,10 @@ COSINE_EPS = 1e-6  # eps of the L2 normalisation of the "cosine" score
 # Rows of the fused [W | g^] weight are padded to a multiple of this: an odd column count (e.g. 768 + 166)
 # makes the CPU GEMM noticeably slower than a padded one (measured: 1.60x vs 1.24x base at N=166).
 FUSED_ROWS_MULTIPLE = 16
+# Chunking of routed_lora (see _plan_chunks): padded rows per bmm call, and tolerated padding.
+CHUNK_MAX_ROWS = 512
+CHUNK_MAX_PADDING = 1.5
+CHUNK_PADDING_SLACK = 16
 
 
 def _check_score_type(score_type):
@@ -159,27 +163,52 @@ def topk_weights(probs, k, normalize_topk, eps=1e-6):
     return indices, weights
 
 
-def _group_pairs(indices, n_experts):
-    """Sorts the flattened (token, slot) pairs by expert.
+def _plan_chunks(counts):
+    """Groups consecutive experts into chunks computed by one padded torch.bmm each.
 
-    Returns (order, tokens, counts): order[p] is the flat pair index of sorted pair p, tokens[p] its token,
-    counts a Python list of pairs per expert (sorted pairs of expert e are one contiguous slice).
+    counts: pairs per expert (Python list). Every expert of a chunk gets `capacity` = the chunk's largest count
+    rows; a chunk is closed before it would exceed CHUNK_MAX_ROWS padded rows or waste more than
+    CHUNK_MAX_PADDING x its real rows (+ CHUNK_PADDING_SLACK), so skewed routing degrades to one expert per
+    chunk (a plain grouped mm) rather than to huge padding. Chunks with no pairs are dropped.
+    Returns (chunks, slot_starts): chunks as (first_expert, n_experts, capacity, first_slot) tuples tiling the
+    padded slots [0, total) in order, slot_starts[e] the first padded slot of expert e (0 if dropped).
     """
-    k = indices.shape[-1]
-    flat_experts = indices.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    tokens = torch.div(order, k, rounding_mode="floor")
-    counts = torch.bincount(flat_experts, minlength=n_experts).tolist()
-    return order, tokens, counts
+    closed = []
+    first, capacity, rows = 0, 0, 0
+    for e, count in enumerate(counts):
+        new_capacity, n = max(capacity, count), e - first + 1
+        padded = n * new_capacity
+        if e > first and (padded > CHUNK_MAX_ROWS or padded > CHUNK_MAX_PADDING * (rows + count) + CHUNK_PADDING_SLACK):
+            closed.append((first, e - first, capacity, rows))
+            first, capacity, rows = e, count, count
+        else:
+            capacity, rows = new_capacity, rows + count
+    closed.append((first, len(counts) - first, capacity, rows))
+    chunks, slot_starts, slot = [], [0] * len(counts), 0
+    for first, n, capacity, rows in closed:
+        if rows == 0:
+            continue
+        chunks.append((first, n, capacity, slot))
+        for j in range(n):
+            slot_starts[first + j] = slot + j * capacity
+        slot += n * capacity
+    return chunks, slot_starts
 
 
 def routed_lora(x, layer1, layer2, indices, weights, scale, out=None):
     """dY (..., d_out) = sum_j weights[..., j] * (x @ layer1[e_j] @ layer2[e_j]) * scale, e_j = indices[..., j].
 
-    Computes only the chosen experts. Differentiable w.r.t. x, layer1, layer2 and weights. Computes in the
-    promoted dtype of x and the LoRA factors (so bf16 activations with fp32 experts run in fp32, like
-    LoRALinear) and returns x's dtype. If `out` (..., d_out) is given, returns out + dY instead; when autograd
-    is not recording, `out` itself is updated in place (saves a zero-fill and an add).
+    Computes only the chosen (token, expert) pairs. Differentiable w.r.t. x, layer1, layer2 and weights.
+    Computes in the promoted dtype of x and the LoRA factors (so bf16 activations with fp32 experts run in fp32,
+    like LoRALinear) and returns x's dtype. If `out` (..., d_out) is given, returns out + dY instead; when
+    autograd is not recording, `out` itself is updated in place (saves a zero-fill and an add).
+
+    How: the T*k pairs are sorted by expert; consecutive experts are grouped into chunks (`_plan_chunks`) in
+    which every expert's pairs are padded to the chunk's capacity, so that a chunk is one (gather x rows,
+    bmm with layer1, scale by weight, bmm with layer2, index_add into dY). Padding rows read token 0 with
+    weight 0 and so add exact zeros. Measured on 2 CPU cores at N=166, T=2048, k=2: 0.6x the base linear's
+    time versus 0.8-1.2x for one mm pair per expert (each small mm costs ~20 us there, bmm runs the experts of
+    a chunk in parallel).
     """
     lead = x.shape[:-1]
     d_in = x.shape[-1]
@@ -191,55 +220,53 @@ def routed_lora(x, layer1, layer2, indices, weights, scale, out=None):
     layer1 = layer1.to(compute_dtype)
     layer2 = layer2.to(compute_dtype)
     k = indices.shape[-1]
-    indices = indices.reshape(-1, k)
+    flat_experts = indices.reshape(-1)
     # The scale is folded into the per-pair weights: they multiply the (pairs x r) intermediate, not dY.
     pair_weights = weights.reshape(-1).to(compute_dtype) * scale
 
-    order, tokens, counts = _group_pairs(indices, n_experts)
-    sorted_weights = pair_weights.index_select(0, order).unsqueeze(1)
+    # Sort pairs by expert and give each pair its padded slot: slot_starts[expert] + rank within the expert.
+    order = torch.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts.index_select(0, order)
+    counts_tensor = torch.bincount(flat_experts, minlength=n_experts)
+    chunks, slot_starts = _plan_chunks(counts_tensor.tolist())
+    n_slots = chunks[-1][3] + chunks[-1][1] * chunks[-1][2] if chunks else 0
+    expert_starts = torch.cumsum(counts_tensor, 0) - counts_tensor
+    rank = torch.arange(order.numel(), device=x.device) - expert_starts.index_select(0, sorted_experts)
+    slots = torch.tensor(slot_starts, device=x.device).index_select(0, sorted_experts) + rank
+    tokens = torch.div(order, k, rounding_mode="floor")
+    slot_tokens = torch.zeros(n_slots, dtype=torch.long, device=x.device).index_copy_(0, slots, tokens)
+    slot_weights = torch.zeros(n_slots, dtype=compute_dtype, device=x.device).index_copy(
+        0, slots, pair_weights.index_select(0, order))
+
     grad_needed = torch.is_grad_enabled() and any(t.requires_grad for t in (x, layer1, layer2, weights, out)
                                                   if t is not None)
-    if grad_needed:
-        delta = _grouped_autograd(xf, layer1, layer2, tokens, sorted_weights, counts)
-        if out is None:
-            return delta.to(x.dtype).reshape(*lead, d_out)
-        return out + delta.to(out.dtype).reshape(out.shape)
-    if out is None:
-        acc = xf.new_zeros(xf.shape[0], d_out)
+    if grad_needed or out is None:
+        acc = torch.zeros(xf.shape[0], d_out, dtype=compute_dtype, device=x.device)
     else:
         acc = out.reshape(-1, d_out)
         if acc.dtype != compute_dtype:
             acc = acc.to(compute_dtype)
-    _grouped_inplace(xf, layer1, layer2, tokens, sorted_weights, counts, acc)
+    parts = []
+    for first, n, capacity, start in chunks:
+        stop = start + n * capacity
+        rows = slot_tokens[start:stop]
+        hidden = torch.bmm(xf.index_select(0, rows).view(n, capacity, d_in), layer1[first : first + n])
+        hidden = hidden * slot_weights[start:stop].view(n, capacity, 1)
+        y = torch.bmm(hidden, layer2[first : first + n]).view(n * capacity, d_out)
+        if grad_needed:
+            parts.append(y)
+        else:
+            acc.index_add_(0, rows, y)
+    if grad_needed:
+        if parts:  # one out-of-place index_add, so autograd records a single node
+            acc = acc.index_add(0, slot_tokens, torch.cat(parts))
+        delta = acc.to(x.dtype).reshape(*lead, d_out)
+        return delta if out is None else out + delta.to(out.dtype)
     if out is None:
         return acc.to(x.dtype).reshape(*lead, d_out)
     if acc.data_ptr() != out.data_ptr():  # reshape or dtype change made a copy
         out.copy_(acc.reshape(out.shape))
     return out
-
-
-def _grouped_autograd(xf, layer1, layer2, tokens, sorted_weights, counts):
-    """Out-of-place grouped computation (autograd records it): returns dY (T, d_out)."""
-    x_sorted = xf.index_select(0, tokens)
-    parts = []
-    for e, (x_e, w_e) in enumerate(zip(x_sorted.split(counts), sorted_weights.split(counts))):
-        if x_e.shape[0] == 0:  # expert chosen by no token
-            continue
-        parts.append(((x_e @ layer1[e]) * w_e) @ layer2[e])
-    return torch.zeros(xf.shape[0], layer2.shape[2], dtype=xf.dtype, device=xf.device).index_add(
-        0, tokens, torch.cat(parts))
-
-
-def _grouped_inplace(xf, layer1, layer2, tokens, sorted_weights, counts, acc):
-    """Same as _grouped_autograd but accumulating into acc (T, d_out) in place; no autograd."""
-    x_sorted = xf.index_select(0, tokens)
-    y_sorted = torch.empty(x_sorted.shape[0], layer2.shape[2], dtype=xf.dtype, device=xf.device)
-    for e, (x_e, w_e, y_e) in enumerate(zip(x_sorted.split(counts), sorted_weights.split(counts),
-                                            y_sorted.split(counts))):
-        if x_e.shape[0] == 0:
-            continue
-        torch.mm(torch.mm(x_e, layer1[e]).mul_(w_e), layer2[e], out=y_e)
-    acc.index_add_(0, tokens, y_sorted)
 
 
 def route_and_apply(x, prepared, layer1, layer2, k, normalize_topk, scale, score_type="original",

@@ -1,0 +1,176 @@
+"""Concatenating one-expert checkpoints into one MoE checkpoint (spec 4.6) and printing per-expert commands.
+
+Expert `<name>` is read from `exp_out/datasets_concatenated/<name>_<suffix>/best.pt` (its keys carry index 0)
+and becomes expert i, i = the name's position in the setting (`expert_order.py`).
+"""
+
+import os
+
+import gin
+
+from colm.checkpoints import keys as K
+from colm.checkpoints import manipulations
+from colm.checkpoints.expert_order import get_setting
+from colm.moma.weights import read_checkpoint
+
+CONCATENATED_DIR = "datasets_concatenated"
+REINIT_SCRIPT = "colm/experiments/bash_scripts/reinit_router_embedding.sh"
+
+
+def expert_path(name: str, suffix: str) -> str:
+    """Experiment path (relative to exp_out) of one expert's MoE-format checkpoint."""
+    return f"{CONCATENATED_DIR}/{name}_{suffix}"
+
+
+def _as_bool(value, what: str) -> bool:
+    # The original passed "False" as a string somewhere and got True; accept only unambiguous values.
+    if isinstance(value, bool):
+        return value
+    if value in ("True", "False"):
+        return value == "True"
+    raise ValueError(f"{what} must be True or False, got {value!r}.")
+
+
+def _setting(datasets):
+    if datasets is None or (not isinstance(datasets, str) and len(datasets) == 0):
+        raise ValueError("run_concatenate.datasets is empty: bind a setting name (e.g. run_concatenate.datasets="
+                         "\"Full\") or a list of expert names.")
+    return get_setting(datasets)
+
+
+def _single_quoted(text: str) -> str:
+    """Shell single quotes around text (an embedded ' becomes '\\'')."""
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def reinit_router_commands(setting, arch="A2", suffix="lora", compute_hiddens=False, hiddens_suffix="_a2",
+                           extra_bindings="") -> str:
+    """The `;`-joined reinit_router_embedding.sh commands of the average-activation pass (spec 4.8.3 step 1)."""
+    compute = _as_bool(compute_hiddens, "run_concatenate.compute_hiddens")
+    return "; ".join(
+        f"bash {REINIT_SCRIPT} -exp_name {expert_path(name, suffix)} -dataset {scope} -arch {arch} "
+        f"-compute_hiddens {compute} -hiddens_suffix {hiddens_suffix} -extra_bindings {_single_quoted(extra_bindings)}"
+        for name, scope in setting.items()
+    )
+
+
+def one_expert(state: dict, source: str, index: int):
+    """(expert/router entries renamed __0 -> __index, embedding entries) of a one-expert checkpoint.
+
+    Gates (expert_input_gate / expert_output_gate) are dropped. Refuses an index other than 0, any other key,
+    and experts without a router vector or router vectors without an expert.
+    """
+    renamed = {}
+    for key, value in state.items():
+        if K.is_embedding_key(key) or K.is_gate_key(key):
+            continue
+        parsed = K.parse_indexed(key)
+        if parsed is None:
+            raise ValueError(f"{source}: unexpected key {key!r}; a one-expert checkpoint holds only layer1__0, "
+                             "layer2__0, expert_embeddings__0, gates and embed_tokens keys.")
+        if parsed.index != 0:
+            raise ValueError(f"{source}: key {key!r} has expert index {parsed.index}; each input must hold one expert "
+                             "with index 0 (the output of put_index_to_lora or gate training).")
+        renamed[parsed.with_index(index)] = value
+    if not renamed:
+        raise ValueError(f"{source} holds no expert keys (layer1__0 / layer2__0 / expert_embeddings__0).")
+    _check_complete(renamed, source)
+    return {p.key: v for p, v in renamed.items()}, K.embedding_entries(state)
+
+
+def _check_complete(entries: dict, source: str) -> None:
+    by_param = {param: {p.module for p in entries if p.param == param} for param in (K.LAYER1, K.LAYER2, K.EMBEDDINGS)}
+    problems = [
+        (by_param[K.LAYER1] ^ by_param[K.LAYER2], "have only one of layer1 / layer2"),
+        (by_param[K.LAYER1] - by_param[K.EMBEDDINGS], "have an expert but no router vector"),
+        (by_param[K.EMBEDDINGS] - by_param[K.LAYER1], "have a router vector but no expert"),
+    ]
+    for modules, problem in problems:
+        if modules:
+            raise ValueError(f"{source}: {len(modules)} module(s) {problem}, e.g. {sorted(modules)[:2]}. "
+                             "Run put_index_to_lora (and use_input_gate_as_router) on the expert first.")
+
+
+def _layout(entries: dict) -> dict:
+    """{key with index 0: shape}: what every expert must share to be stacked."""
+    return {K.parse_indexed(k).with_index(0).key: tuple(v.shape) for k, v in entries.items()}
+
+
+def concatenate_states(named_states) -> dict:
+    """Concatenates (source, one-expert state) pairs, in order, into one checkpoint with experts 0..N-1.
+
+    The embedding keys come from the first checkpoint only. `named_states` may be a generator, so that only
+    one expert file is in memory besides the result.
+    """
+    out_embeddings, out_experts, reference = {}, {}, None
+    for index, (source, state) in enumerate(named_states):
+        entries, embeddings = one_expert(state, source, index)
+        layout = _layout(entries)
+        if reference is None:
+            reference, first_source, out_embeddings = layout, source, embeddings
+        elif layout != reference:
+            key = next(iter(sorted(set(layout.items()) ^ set(reference.items()))))[0]
+            raise ValueError(f"{source} does not match {first_source}: {key} is "
+                             f"{layout.get(key, 'missing')} vs {reference.get(key, 'missing')}. All experts need the "
+                             "same modules and shapes (same base model and LoRA rank).")
+        out_experts.update(entries)
+    if reference is None:
+        raise ValueError("No checkpoints to concatenate.")
+    return {**out_embeddings, **out_experts}
+
+
+def _read_all(files: dict):
+    for name, file in files.items():
+        yield f"{file} (expert {name})", read_checkpoint(file)
+
+
+@gin.configurable
+def run_concatenate(arch="A2", datasets=(), print_commands=False, suffix="lora",
+                    out_path="CompleteA2_lora_concatenated", compute_hiddens=False, hiddens_suffix="_a2",
+                    extra_bindings=""):
+    """Concatenates the setting's experts into exp_out/<out_path>/best.pt, or with print_commands=True prints
+    (and returns) the per-expert reinit_router_embedding.sh commands instead."""
+    setting = _setting(datasets)
+    if _as_bool(print_commands, "run_concatenate.print_commands"):
+        commands = reinit_router_commands(setting, arch, suffix, compute_hiddens, hiddens_suffix, extra_bindings)
+        print(commands)
+        return commands
+    out_file = manipulations.checkpoint_file(out_path, "run_concatenate.out_path")
+    files = {name: manipulations.checkpoint_file(expert_path(name, suffix)) for name in setting}
+    missing = [f for f in files.values() if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(
+            f"run_concatenate: {len(missing)} of {len(files)} expert checkpoints missing: {missing}. Each comes from "
+            f"put_index_to_lora (out_path=\"{CONCATENATED_DIR}/<name>_<suffix>\") or gate training; check "
+            f"run_concatenate.suffix={suffix!r}."
+        )
+    state = concatenate_states(_read_all(files))
+    manipulations.save(state, out_path, "run_concatenate.out_path")
+    print(f"[colm] run_concatenate: {len(files)} experts -> {out_file}")
+    return out_file
+
+
+_STAGE_BINDINGS = {
+    # stage: (bindings per expert name n with suffix s)
+    "put_index_to_lora": lambda n, s: [f'put_index_to_lora.path="{n}_{s}"',
+                                       f'put_index_to_lora.out_path="{expert_path(n, s)}"'],
+    "use_input_gate_as_router": lambda n, s: [f'use_input_gate_as_router.path="{expert_path(n, s)}"'],
+    "delete_expert_input_gate": lambda n, s: [f'delete_expert_input_gate.path="{expert_path(n, s)}"'],
+}
+
+
+@gin.configurable
+def commands_concatenate(datasets=(), stage="put_index_to_lora", suffix="t5xl_lora"):
+    """Prints (and returns) the `;`-joined per-expert `python scripts/manipulations.py` commands of one stage:
+    put_index_to_lora (exp_out/<name>_<suffix> -> datasets_concatenated/<name>_<suffix>),
+    use_input_gate_as_router or delete_expert_input_gate (in place on datasets_concatenated/<name>_<suffix>)."""
+    if stage not in _STAGE_BINDINGS:
+        raise ValueError(f"commands_concatenate: unknown stage {stage!r}; choose one of {sorted(_STAGE_BINDINGS)}.")
+    setting = _setting(datasets)
+    commands = "; ".join(
+        "python scripts/manipulations.py --gin_bindings "
+        + " ".join(_single_quoted(b) for b in [f"func_caller.func=@{stage}"] + _STAGE_BINDINGS[stage](name, suffix))
+        for name in setting
+    )
+    print(commands)
+    return commands
