@@ -1,8 +1,18 @@
 """Imports every module that registers gin configurables, so gin files can name them."""
 
 from colm import registry  # noqa: F401  build
+from colm.checkpoints import expert_order  # noqa: F401  setting_scopes
 from colm.datasets import dataset, local, metrics, toy  # noqa: F401
 from colm.models import hf_loading, model  # noqa: F401
 from colm.moma import hiddens, lora, moe, weights  # noqa: F401
-from colm.procedures import analysis, batchers, evaluator, optim, results, trainer  # noqa: F401
+from colm.procedures import (  # noqa: F401
+    analysis,
+    averaged_hiddens,  # noqa: F401  SaveAveragedHiddens
+    batchers,
+    evaluator,
+    optim,
+    results,
+    retriever,
+    trainer,
+)
 from colm.utils import logging  # noqa: F401

@@ -11,4 +11,5 @@ source exp_launch/setup_environment_variable.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 "$PYTHON_EXEC" -m ruff check .
-"$PYTHON_EXEC" -m pytest "$@"
+# Two workers, one per core: most of the time goes to launcher subprocesses, which run one thread each.
+"$PYTHON_EXEC" -m pytest -n "${PYTEST_WORKERS:-2}" "$@"

@@ -48,3 +48,29 @@ def in_tmp_repo(tmp_path, monkeypatch):
         os.symlink(os.path.join(REPO_ROOT, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def subprocess_env(cwd):
+    """Environment for running launchers and scripts as a user would, from `cwd`, with this interpreter."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLM_ROOT", "EXP_NAME", "DATASET")}
+    env.update(MODEL_TYPE="tiny", PYTHON_EXEC=sys.executable, COLM_NO_VENV="1",
+               PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}",
+               PYTHONPATH=f"{cwd}:{env.get('PYTHONPATH', '')}")
+    return env
+
+
+@pytest.fixture
+def launch(in_tmp_repo):
+    """launch(script, *flags): runs colm/experiments/bash_scripts/<script> from the temporary repo; asserts success."""
+    import subprocess
+
+    def run(script, *flags, expect_ok=True):
+        done = subprocess.run(["bash", f"colm/experiments/bash_scripts/{script}", *flags], cwd=in_tmp_repo,
+                              env=subprocess_env(in_tmp_repo), capture_output=True, text=True)
+        if expect_ok:
+            assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    return run

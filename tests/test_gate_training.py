@@ -1,27 +1,14 @@
 """Stage 2 through the launchers: MoE-format expert, then gate training changes nothing but the gates."""
 
-import os
-import subprocess
-import sys
-
 import torch
 
 from colm.moma.weights import read_checkpoint
 
-SCRIPTS = "colm/experiments/bash_scripts"
 QUICK = "main.logging_backend=None P/TRAIN/Trainer.gradient_accumulation_factor=1 D/TOYCONTAINSA/EVAL/ToyDataset.num_examples=32"
 
 
-def launch(cwd, script, *flags):
-    env = {k: v for k, v in os.environ.items() if k not in ("COLM_ROOT", "EXP_NAME", "DATASET")}
-    env.update(MODEL_TYPE="tiny", PYTHON_EXEC=sys.executable, COLM_NO_VENV="1")
-    done = subprocess.run(["bash", f"{SCRIPTS}/{script}", *flags], cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def test_gate_training_changes_only_the_gates(in_tmp_repo):
-    launch(in_tmp_repo, "train_single_task.sh", "-exp_name", "moe_expert", "-dataset", "TOYCONTAINSA",
+def test_gate_training_changes_only_the_gates(in_tmp_repo, launch):
+    launch("train_single_task.sh", "-exp_name", "moe_expert", "-dataset", "TOYCONTAINSA",
            "-extra_bindings", QUICK + " P/TRAIN/Trainer.num_steps=6 P/TRAIN/Trainer.validation_step_interval=3")
     expert = read_checkpoint(str(in_tmp_repo / "exp_out/moe_expert/best.pt"))
     m = "encoder.block.0.layer.1.DenseReluDense.wo"
@@ -29,7 +16,7 @@ def test_gate_training_changes_only_the_gates(in_tmp_repo):
     assert expert[f"{m}._addons.expert_lora.layer2__0"].shape == (16, 64)
     assert expert[f"{m}._addons.router.expert_embeddings__0"].shape == (128,)
 
-    launch(in_tmp_repo, "train_gate.sh", "-exp_name", "moe_expert_gate", "-dataset", "TOYCONTAINSA",
+    launch("train_gate.sh", "-exp_name", "moe_expert_gate", "-dataset", "TOYCONTAINSA",
            "-old_exp_name", "moe_expert", "-extra_bindings", QUICK + " P/TRAIN/Trainer.num_steps=5")
     gated = read_checkpoint(str(in_tmp_repo / "exp_out/moe_expert_gate/best.pt"))
     gates = [k for k in gated if k.endswith("expert_input_gate")]

@@ -20,6 +20,23 @@ def make_inputs(n_experts, lead=(3, 5), d_in=D_IN, d_out=D_OUT, rank=RANK, seed=
     return x, g, layer1, layer2
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def as_leaves(tensors, grad_mode):
+    """grad_mode: fresh leaves requiring grad (routed_lora's autograd path); else the tensors (its in-place path)."""
+    return [t.clone().requires_grad_() if grad_mode else t for t in tensors]
+
+
+@pytest.fixture(params=["chunked", "dense"])
+def lora_path(request, monkeypatch):
+    """Forces routed_lora's implementation: chunked (only the chosen pairs) or dense (every expert)."""
+    monkeypatch.setattr(routing, "DENSE_MAX_EXPERTS_PER_K", 0 if request.param == "chunked" else 10**6)
+    return request.param
+
+
 def routed(x, g, layer1, layer2, k, normalize, score_type="original", **kwargs):
     prepared = routing.prepare_router_vectors(g, score_type)
     delta, _ = routing.route_and_apply(x, prepared, layer1, layer2, k, normalize, 1.0 / RANK,
@@ -31,18 +48,19 @@ def routed(x, g, layer1, layer2, k, normalize, score_type="original", **kwargs):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("grad_mode", [True, False])
-def test_routed_matches_dense_reference(n_experts, k, normalize, grad_mode):
-    x, g, layer1, layer2 = make_inputs(n_experts, seed=n_experts * 10 + k)
-    expected = routing.dense_reference(x, g, layer1, layer2, k, normalize, 1.0 / RANK)
-    with torch.set_grad_enabled(grad_mode):  # no-grad takes the in-place fast path
-        got = routed(x, g, layer1, layer2, k, normalize)
+def test_routed_matches_dense_reference(n_experts, k, normalize, grad_mode, lora_path):
+    x, g, layer1, layer2 = as_leaves(make_inputs(n_experts, seed=n_experts * 10 + k), grad_mode)
+    with torch.no_grad():
+        expected = routing.dense_reference(x, g, layer1, layer2, k, normalize, 1.0 / RANK)
+    got = routed(x, g, layer1, layer2, k, normalize)
+    assert got.requires_grad == grad_mode
     assert got.shape == (3, 5, D_OUT)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("score_type", ["dot", "cosine", "arrow"])
 @pytest.mark.parametrize("router_type", ["smear", "top1"])
-def test_routed_matches_dense_reference_other_routers(score_type, router_type):
+def test_routed_matches_dense_reference_other_routers(score_type, router_type, lora_path):
     x, g, layer1, layer2 = make_inputs(5, seed=3)
     kwargs = dict(score_type=score_type, router_type=router_type, scaling_scores=False, temperature=3.0)
     expected = routing.dense_reference(x, g, layer1, layer2, 2, True, 1.0 / RANK, **kwargs)
@@ -97,6 +115,15 @@ def test_raw_scores_from_fused_gemm():
         torch.testing.assert_close(raw, x @ prepared.T, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(routing.router_probs(x, prepared, raw_scores=raw),
                                    routing.router_probs(x, prepared), atol=1e-6, rtol=1e-5)
+    # The whole routed layer, accumulating in place into the strided base view of the fused GEMM output.
+    _, _, layer1, layer2 = make_inputs(5)
+    expected = F.linear(x, weight, bias) + routing.dense_reference(x, g, layer1, layer2, 2, True, 0.25)
+    with torch.no_grad():
+        base, raw = routing.linear_and_router_scores(x, weight, prepared, bias=bias, fused_weight=fused)
+        assert not base.is_contiguous()
+        got, _ = routing.route_and_apply(x, prepared, layer1, layer2, 2, True, 0.25, raw_scores=raw, out=base)
+    assert got.data_ptr() == base.data_ptr()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_top1_router_zeros_all_but_argmax():
@@ -123,14 +150,14 @@ def test_topk_weights_clamps_k_and_normalises():
         routing.topk_weights(probs, 0, True)
 
 
-def test_k_larger_than_n_experts_is_clamped():
+def test_k_larger_than_n_experts_is_clamped(lora_path):
     x, g, layer1, layer2 = make_inputs(3)
     expected = routing.dense_reference(x, g, layer1, layer2, 3, False, 1.0 / RANK)
     torch.testing.assert_close(routed(x, g, layer1, layer2, 10, False), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("grad_mode", [True, False])
-def test_experts_without_tokens_and_zero_weights(grad_mode):
+def test_experts_without_tokens_and_zero_weights(grad_mode, lora_path):
     x, _, layer1, layer2 = make_inputs(6, lead=(8,))
     indices = torch.tensor([[0, 2]] * 4 + [[2, 5]] * 4)  # experts 1, 3, 4 get no token
     weights = torch.rand(8, 2)
@@ -141,26 +168,27 @@ def test_experts_without_tokens_and_zero_weights(grad_mode):
         for j in range(2):
             e = indices[t, j]
             expected[t] += weights[t, j] * (x[t] @ layer1[e] @ layer2[e]) * 0.5
-    with torch.set_grad_enabled(grad_mode):
-        got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.5)
+    x, layer1, layer2, weights = as_leaves((x, layer1, layer2, weights), grad_mode)
+    got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[6], torch.zeros(D_OUT))
 
 
 @pytest.mark.parametrize("grad_mode", [True, False])
-def test_out_argument_accumulates(grad_mode):
+def test_out_argument_accumulates(grad_mode, lora_path):
     x, _, layer1, layer2 = make_inputs(4)
     indices = torch.randint(0, 4, (3, 5, 2))
     weights = torch.rand(3, 5, 2)
-    delta = routing.routed_lora(x, layer1, layer2, indices, weights, 0.25)
+    gate = torch.zeros(3, 5, 4).scatter_add(-1, indices, weights)  # repeated experts in a token add up
+    delta = torch.einsum("...n,...d,ndr,nro->...o", gate, x, layer1, layer2) * 0.25
     start = torch.randn(3, 5, D_OUT)
-    with torch.set_grad_enabled(grad_mode):
-        got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.25, out=start.clone())
-    torch.testing.assert_close(got, start + delta)
+    x, layer1, layer2, weights = as_leaves((x, layer1, layer2, weights), grad_mode)
+    got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.25, out=start.clone())
+    torch.testing.assert_close(got, start + delta, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_experts,k", [(1, 1), (5, 2)])
-def test_gradients_match_dense_reference(n_experts, k):
+def test_gradients_match_dense_reference(n_experts, k, lora_path):
     x, g, layer1, layer2 = make_inputs(n_experts, seed=7)
     grads = []
     for fn in (routed, routing.dense_reference):
@@ -179,12 +207,11 @@ def test_gradients_match_dense_reference(n_experts, k):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
 
 
-def test_bf16_activations():
+def test_bf16_activations(lora_path):
     x, g, layer1, layer2 = make_inputs(4)
     expected = routing.dense_reference(x.bfloat16().float(), g, layer1, layer2, 2, True, 1.0 / RANK)
     for grad_mode in (True, False):
-        with torch.set_grad_enabled(grad_mode):
-            got = routed(x.bfloat16(), g, layer1, layer2, 2, True)  # bf16 x, fp32 experts
+        got = routed(*as_leaves((x.bfloat16(), g, layer1, layer2), grad_mode), 2, True)  # bf16 x, fp32 experts
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
     # Everything bf16 (gradients flow through the bf16 path too).
@@ -197,6 +224,15 @@ def test_bf16_activations():
     assert all(t.grad is not None and torch.isfinite(t.grad.float()).all() for t in leaves)
 
 
+@pytest.mark.parametrize("n_experts", [1, 20])
+def test_no_tokens(n_experts):
+    x, g, layer1, layer2 = make_inputs(n_experts, lead=(0,))
+    for grad_mode in (True, False):
+        xl, gl, l1, l2 = as_leaves((x, g, layer1, layer2), grad_mode)
+        delta, probs = routing.route_and_apply(xl, routing.prepare_router_vectors(gl), l1, l2, 2, True, 0.25)
+        assert delta.shape == (0, D_OUT) and probs.shape == (0, n_experts)
+
+
 def test_bad_arguments():
     x, g, layer1, layer2 = make_inputs(3)
     with pytest.raises(ValueError):
@@ -205,3 +241,49 @@ def test_bad_arguments():
         routing.router_probs(x, g, router_type="top2")
     with pytest.raises(ValueError):
         routing.routed_lora(x, layer1[:, :-1], layer2, torch.zeros(3, 5, 1, dtype=torch.long), torch.ones(3, 5, 1), 1.0)
+
+
+def test_plan_chunks_tiles_padded_slots():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        n_experts = int(torch.randint(1, 60, (1,), generator=gen))
+        counts = torch.randint(0, 40, (n_experts,), generator=gen)
+        counts[torch.rand(n_experts, generator=gen) < 0.3] = 0  # empty experts
+        if trial % 5 == 0:
+            counts[0] = 900  # one expert above CHUNK_MAX_ROWS
+        if trial % 7 == 0:
+            counts[:] = 30  # balanced: only CHUNK_MAX_ROWS closes chunks
+        counts = counts.tolist()
+        chunks, slot_starts = routing._plan_chunks(counts)
+        slot, covered = 0, set()
+        for first, n, capacity, start in chunks:
+            assert start == slot  # chunks tile [0, n_slots) in order
+            assert n == 1 or n * capacity <= routing.CHUNK_MAX_ROWS
+            real = sum(counts[first:first + n])
+            assert real > 0 and n * capacity <= max(routing.CHUNK_MAX_PADDING * real + routing.CHUNK_PADDING_SLACK,
+                                                    capacity)
+            for j in range(n):
+                assert counts[first + j] <= capacity and slot_starts[first + j] == start + j * capacity
+                covered.add(first + j)
+            slot += n * capacity
+        assert {e for e, c in enumerate(counts) if c > 0} <= covered
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_many_chunks_with_skewed_routing(grad_mode):
+    # Enough tokens and experts for several chunks, single-expert chunks and dropped empty experts.
+    n_experts, n_tokens = 40, 700
+    x, _, layer1, layer2 = make_inputs(n_experts, lead=(n_tokens,), seed=5)
+    gen = torch.Generator().manual_seed(6)
+    popularity = torch.linspace(4.0, -4.0, n_experts)  # the first experts popular, the last ones rarely chosen
+    popularity[0] = 10.0  # chosen by nearly every token: more than CHUNK_MAX_ROWS pairs
+    probs = torch.softmax(torch.randn(n_tokens, n_experts, generator=gen) * 2 + popularity, dim=-1)
+    indices, weights = routing.topk_weights(probs, 2, True)
+    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).tolist()
+    chunks, _ = routing._plan_chunks(counts)
+    assert counts[0] > routing.CHUNK_MAX_ROWS and 0 in counts and len(chunks) > 3
+    gate = torch.zeros(n_tokens, n_experts).scatter(1, indices, weights)
+    expected = torch.einsum("tn,td,ndr,nro->to", gate, x, layer1, layer2) * 0.5
+    x, layer1, layer2, weights = as_leaves((x, layer1, layer2, weights), grad_mode)
+    got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.5)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)

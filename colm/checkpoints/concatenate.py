@@ -17,9 +17,9 @@ CONCATENATED_DIR = "datasets_concatenated"
 REINIT_SCRIPT = "colm/experiments/bash_scripts/reinit_router_embedding.sh"
 
 
-def expert_path(name: str, suffix: str) -> str:
+def expert_path(name: str, suffix: str, expert_dir: str = CONCATENATED_DIR) -> str:
     """Experiment path (relative to exp_out) of one expert's MoE-format checkpoint."""
-    return f"{CONCATENATED_DIR}/{name}_{suffix}"
+    return f"{expert_dir}/{name}_{suffix}"
 
 
 def _as_bool(value, what: str) -> bool:
@@ -127,21 +127,22 @@ def _read_all(files: dict):
 @gin.configurable
 def run_concatenate(arch="A2", datasets=(), print_commands=False, suffix="lora",
                     out_path="CompleteA2_lora_concatenated", compute_hiddens=False, hiddens_suffix="_a2",
-                    extra_bindings=""):
+                    extra_bindings="", expert_dir=CONCATENATED_DIR):
     """Concatenates the setting's experts into exp_out/<out_path>/best.pt, or with print_commands=True prints
-    (and returns) the per-expert reinit_router_embedding.sh commands instead."""
+    (and returns) the per-expert reinit_router_embedding.sh commands instead. Experts are read from
+    exp_out/<expert_dir>/<name>_<suffix>/best.pt (expert_dir "datasets_concatenated", as in the original)."""
     setting = _setting(datasets)
     if _as_bool(print_commands, "run_concatenate.print_commands"):
         commands = reinit_router_commands(setting, arch, suffix, compute_hiddens, hiddens_suffix, extra_bindings)
         print(commands)
         return commands
     out_file = manipulations.checkpoint_file(out_path, "run_concatenate.out_path")
-    files = {name: manipulations.checkpoint_file(expert_path(name, suffix)) for name in setting}
+    files = {name: manipulations.checkpoint_file(expert_path(name, suffix, expert_dir)) for name in setting}
     missing = [f for f in files.values() if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(
             f"run_concatenate: {len(missing)} of {len(files)} expert checkpoints missing: {missing}. Each comes from "
-            f"put_index_to_lora (out_path=\"{CONCATENATED_DIR}/<name>_<suffix>\") or gate training; check "
+            f"put_index_to_lora (out_path=\"{expert_dir}/<name>_<suffix>\") or gate training; check "
             f"run_concatenate.suffix={suffix!r}."
         )
     state = concatenate_states(_read_all(files))

@@ -8,6 +8,8 @@ Each expert name maps to the dataset scope stem that launchers take as `-dataset
 import difflib
 from collections import OrderedDict
 
+import gin
+
 # T0 held-in datasets, indices 0-35 (the "T0 setting").
 P3_NAMES = (
     "P3Agnews", "P3Amazonpolarity", "P3Cosmosqa", "P3Samsum", "P3Quartz", "P3Ropes", "P3Wikibio", "P3Paws",
@@ -143,3 +145,14 @@ def setting_containing(name: str) -> str:
         if name in SETTINGS[setting]:
             return setting
     raise ValueError(f"Expert {name!r} is in none of the settings P3, Flanv2, Niv2, Add1, Toy.")
+
+
+@gin.configurable
+def setting_scopes(setting=gin.REQUIRED, split="EVAL"):
+    """["D/<scope>/<split>", ...] for every dataset of a setting (or explicit name list), in expert order.
+
+    In gin: `P/EVALUATE/Evaluator.datasets = @setting_scopes()` with `setting_scopes.setting = "P3"`.
+    """
+    if split not in ("TRAIN", "EVAL"):
+        raise ValueError(f"setting_scopes.split={split!r}; choose 'TRAIN' or 'EVAL'.")
+    return [f"D/{scope}/{split}" for scope in get_setting(setting).values()]

@@ -15,7 +15,6 @@ downloading `<name>` (with `<config>`) from the Hugging Face hub.
 
 import os
 
-import datasets as hf_datasets
 import gin
 
 from colm.datasets.dataset import Dataset
@@ -42,6 +41,8 @@ def resolve_local_source(hf_path_parts):
 
 def _read_file(path):
     kind = "parquet" if path.endswith(".parquet") else "json"
+    import datasets as hf_datasets  # imported on use: it costs most of a second at start-up
+
     return hf_datasets.load_dataset(kind, data_files=path, split="train")
 
 
@@ -55,6 +56,8 @@ def load_local_split(path, split):
         return _read_file(path)
     contents = sorted(os.listdir(path))
     if "dataset_dict.json" in contents or "state.json" in contents:
+        import datasets as hf_datasets
+
         data = hf_datasets.load_from_disk(path)
         if isinstance(data, hf_datasets.DatasetDict):
             if split not in data:

@@ -143,7 +143,8 @@ class Router(ExtendableAddon):
     def __init__(self, global_hidden_dict, host_name, link, read_key, write_key, host, model_config,
                  d_router=gin.REQUIRED,
                  position="before", router_type="smear", score_type="original", scaling_scores=True,
-                 temperature=10.0, elementwise_affine=False, epsilon=1e-6):
+                 temperature=10.0, elementwise_affine=False, epsilon=1e-6, is_retriever=False,
+                 retrieval_embedding_dim=384):
         super().__init__(global_hidden_dict, host_name, link)
         if score_type not in SCORE_TYPES:
             raise ValueError(f"Router.score_type={score_type!r}; choose one of {SCORE_TYPES}.")
@@ -155,6 +156,9 @@ class Router(ExtendableAddon):
             raise NotImplementedError("Router.position must be 'before'.")
         self.read_key, self.write_key = read_key, write_key
         self.d_router = d_router = resolve_size(d_router, host, model_config)
+        self.is_retriever = is_retriever in (True, "True")
+        self.retrieval_embedding_dim = retrieval_embedding_dim
+        self.epsilon = epsilon
         self.router_type, self.score_type = router_type, score_type
         self.scaling_scores = scaling_scores in (True, "True")
         self.temperature = temperature
@@ -168,17 +172,30 @@ class Router(ExtendableAddon):
     def fresh_rows(self, name, num_new):
         return torch.zeros(num_new, self.d_router)
 
-    def prepared_vectors(self):
-        """Standardised / normalised router vectors, recomputed only when the vectors change."""
-        g = self.expert_embeddings
+    def match_checkpoint_shapes(self, prefix, state_dict):
+        first = state_dict.get(f"{prefix}expert_embeddings_{self.link.identifiers[0]}")
+        if self.is_retriever and first is not None and first.shape[-1] != self.d_router:
+            # A retrieval library's width is rows x embedding size: take it from the checkpoint.
+            self.d_router = first.shape[-1]
+            self.expert_embeddings = nn.Parameter(self.expert_embeddings.new_zeros(len(self.link), self.d_router))
+
+    def _prepare(self, g):
+        if self.is_retriever:  # L2-normalised library rows (N, K, dim)
+            rows = g.float().view(g.shape[0], -1, self.retrieval_embedding_dim)
+            return torch.nn.functional.normalize(rows, dim=-1, eps=self.epsilon)
         base_type = "cosine" if self.score_type == "weighted_cosine" else self.score_type
-        if g.requires_grad or self.score_type == "weighted_cosine":
-            prepared = routing.prepare_router_vectors(g, base_type)
+        return routing.prepare_router_vectors(g.float(), base_type)
+
+    def prepared_vectors(self):
+        """Standardised / normalised router vectors (or retrieval library), recomputed only when they change."""
+        g = self.expert_embeddings
+        if g.requires_grad or self.score_type == "weighted_cosine":  # trained: recompute, keep the graph
+            prepared = self._prepare(g)
             return prepared * self.weights if self.score_type == "weighted_cosine" else prepared
         version = (g.data_ptr(), g._version, g.dtype, g.device, tuple(g.shape))
         if self._prepared_for != version:
             with torch.no_grad():
-                self._prepared = routing.prepare_router_vectors(g.float(), base_type)
+                self._prepared = self._prepare(g)
             self._prepared_for = version
         return self._prepared
 
@@ -186,6 +203,10 @@ class Router(ExtendableAddon):
         if len(self.link) == 0:
             raise RuntimeError(f"Router on {self.host_name} has no experts: load a checkpoint or call extend_moe.")
         hidden = self.global_hidden_dict[self.read_key]
+        if self.is_retriever:
+            probs = retrieval_one_hot(hidden, self.prepared_vectors(), self.epsilon)
+            self.global_hidden_dict[self.write_key] = probs
+            return None
         base_type = "cosine" if self.score_type == "weighted_cosine" else self.score_type
         probs = routing.router_probs(hidden.float(), self.prepared_vectors(), base_type, self.scaling_scores,
                                      self.router_type, self.temperature)
@@ -193,6 +214,15 @@ class Router(ExtendableAddon):
         if self.concatenate:
             self.global_hidden_dict.setdefault(self.write_key + ("concatenated",), []).append(probs)
         return None
+
+
+def retrieval_one_hot(queries, library, eps=1e-6):
+    """Retrieval routing: `library` (N, K, dim) holds each expert's K L2-normalised example embeddings (zero
+    rows for padding); an example goes to the expert holding its most similar library example.
+    Returns one-hot weights (B, N)."""
+    queries = torch.nn.functional.normalize(queries.float(), dim=-1, eps=eps)
+    best = torch.einsum("bd,nkd->bnk", queries, library).amax(dim=-1)  # (B, N): max cosine per expert
+    return torch.nn.functional.one_hot(best.argmax(dim=-1), library.shape[0]).to(queries.dtype)
 
 
 @gin.configurable
@@ -258,6 +288,10 @@ class FFNExperts(ExtendableAddon):
             probs = probs[:, None, :].expand(rows, length, probs.shape[-1])
         if self.topk_value is not None:
             return routing.topk_weights(probs, self.topk_value, self.normalize_topk, self.epsilon)
+        # Every expert with its weight; experts at weight 0 (e.g. one-hot retrieval routing) are skipped.
+        used = int((probs > 0).sum(dim=-1).max())
+        if used < probs.shape[-1]:
+            return routing.topk_weights(probs, max(used, 1), normalize_topk=False)
         experts = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
         return experts, probs
 

@@ -67,11 +67,19 @@ def _routing_entries(global_hidden_dict):
             if isinstance(key, tuple) and key[0] == "routing_weights" and len(key) == 3}
 
 
-def _encoder_side(module_name):
+def encoder_side(module_name):
+    """Modules whose tokens are encoder tokens: encoder linears and cross-attention k/v."""
     return module_name.startswith("encoder") or module_name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
 
 
-def routed_token_probs(batch, outputs, global_hidden_dict, pad_id):
+def generated_token_mask(output_ids, steps, eos_id):
+    """(B, steps) True for each generation step up to and including the one that produced eos."""
+    produced = output_ids[:, 1 : steps + 1]
+    is_eos = produced == eos_id
+    return (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+
+
+def routed_token_probs(batch, outputs, global_hidden_dict, pad_id, eos_id):
     """{module: (tokens, N) probabilities of the tokens that count}: real encoder tokens; decoder tokens of
     the predicted choice (rank classification) or of the generated text; one row per example for
     sentence-level routing."""
@@ -82,7 +90,7 @@ def routed_token_probs(batch, outputs, global_hidden_dict, pad_id):
             out[module] = probs
             continue
         rows = probs.shape[0]
-        if _encoder_side(module):
+        if encoder_side(module):
             mask = encoder_weights > 0
             mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)[:, -probs.shape[1]:]
             out[module] = probs[mask]
@@ -94,7 +102,7 @@ def routed_token_probs(batch, outputs, global_hidden_dict, pad_id):
             out[module] = probs[picked][mask[:, : probs.shape[1]]]
         elif "output_ids" in outputs:
             steps = torch.cat(global_hidden_dict[key + ("concatenated",)], dim=1)
-            produced = outputs["output_ids"][:, 1 : steps.shape[1] + 1].to(steps.device) != pad_id
+            produced = generated_token_mask(outputs["output_ids"].to(steps.device), steps.shape[1], eos_id)
             out[module] = steps[:, : produced.shape[1]][produced]
     return out
 
@@ -109,7 +117,7 @@ class RoutingDistribution(AnalysisProcessor):
         self.sums, self.counts, self.results = {}, {}, {}
 
     def batch_process(self, batch, outputs, global_hidden_dict, model):
-        for module, probs in routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id).items():
+        for module, probs in routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id).items():
             self.sums[module] = self.sums.get(module, 0) + probs.float().sum(dim=0).cpu()
             self.counts[module] = self.counts.get(module, 0) + probs.shape[0]
 
@@ -156,7 +164,7 @@ class EntropyDistribution(AnalysisProcessor):
         self.entropies = {}
 
     def batch_process(self, batch, outputs, global_hidden_dict, model):
-        for module, probs in routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id).items():
+        for module, probs in routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id).items():
             p = probs.float().clamp_min(1e-12)
             self.entropies.setdefault(module, []).append((-(p * p.log2()).sum(dim=-1)).cpu())
 

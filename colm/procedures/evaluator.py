@@ -92,11 +92,3 @@ class Evaluator(Procedure):
         self.last_results = results
         return results
 
-
-@gin.configurable
-def setting_eval_scopes(setting=gin.REQUIRED):
-    """["D/<scope>/EVAL", ...] for every dataset of an expert setting (colm/checkpoints/expert_order.py),
-    e.g. `P/EVALUATE/Evaluator.datasets = @setting_eval_scopes()` with `setting_eval_scopes.setting = "P3"`."""
-    from colm.checkpoints.expert_order import get_setting
-
-    return [f"D/{scope}/EVAL" for scope in get_setting(setting).values()]

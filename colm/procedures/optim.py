@@ -4,7 +4,6 @@ import math
 
 import gin
 import torch
-from transformers.optimization import Adafactor, AdafactorSchedule
 
 SCHEDULES = ("constant_with_warmup", "defrost", "linear_decay_with_warmup", "polynomial_decay_with_warmup",
              "exponential_decay", "cosine_annealing", "adafactor")
@@ -23,6 +22,8 @@ def get_optimizer(named_parameters, optimizer_class="adamw", learning_rate=gin.R
     if optimizer_class == "sgd":
         return torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
     if optimizer_class == "adafactor":
+        from transformers.optimization import Adafactor  # imported here: it pulls in much of transformers
+
         return Adafactor(params, lr=None if relative_step else learning_rate, weight_decay=weight_decay,
                          scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=False)
     raise ValueError(f"get_optimizer.optimizer_class={optimizer_class!r}; choose adamw, adam, sgd or adafactor.")
@@ -56,6 +57,8 @@ def schedule_factor(name, step, num_steps, warmup, gamma=None):
 def get_scheduler(optimizer, num_steps, scheduler_class="constant_with_warmup", gamma=None, warmup_ratio=None,
                   num_warmup_steps=None):
     if scheduler_class == "adafactor":
+        from transformers.optimization import AdafactorSchedule
+
         return AdafactorSchedule(optimizer)
     warmup = num_warmup_steps if num_warmup_steps is not None else int(num_steps * (warmup_ratio or 0))
     schedule_factor(scheduler_class, 0, num_steps, warmup, gamma)  # fail now, not mid-run, on a bad name

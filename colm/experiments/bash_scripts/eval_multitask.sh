@@ -17,6 +17,6 @@ esac
 mapfile -t router < <(router_bindings)
 EXP_NAME="$exp_name" run_colm \
   --gin_files $(dataset_registries) "$model_dir/t5.gin" "$arch_gin" colm/experiments/eval.gin \
-  --gin_bindings 'P/EVALUATE/Evaluator.datasets=@setting_eval_scopes()' 'setting_eval_scopes.setting="P3"' \
+  --gin_bindings 'P/EVALUATE/Evaluator.datasets=@P/EVALUATE/setting_scopes()' 'P/EVALUATE/setting_scopes.setting="P3"' \
     'M/MODEL/FFNExperts.topk_value=2' 'M/MODEL/FFNExperts.normalize_topk=True' \
     "${router[@]}" "$extra_bindings"

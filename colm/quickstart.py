@@ -1,0 +1,323 @@
+"""The embedded default, end to end: experts, gates, routing and every baseline on the toy world.
+
+    python -m colm.quickstart            # what `bash exp_launch/quickstart.sh` runs
+    python -m colm.quickstart --fast     # a reduced run (fewer steps and examples), used by the tests
+
+Every stage is a command of the framework's own launchers and scripts (the same ones the README shows
+for T5-XL), run on the tiny T5 with MODEL_TYPE=tiny. Each finished stage leaves a marker in
+exp_out/quickstart/.stages/, so a re-run skips it; each stage's output goes to exp_out/quickstart/logs/.
+At the end exp_out/quickstart/results.md holds the method table (held-in average, held-out average, every
+task) and the held-in routing accuracy; routing heatmaps are under exp_out/quickstart/<method>/.
+
+Design of the toy world (why it tests routing): every task is "<instruction> <random letters>", so the
+instruction is the only cue to the skill. Eight held-in skills get one expert each. The held-out tasks
+reuse held-in skills where no expert saw them: longer inputs (the right expert must be picked for inputs
+outside its training distribution), unseen phrasings of the instruction (routing must generalise from the
+words it learned), and a composition of two skills (two experts would have to be combined).
+"""
+
+import argparse
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from colm.checkpoints.expert_order import get_setting
+from colm.procedures.results import read_results
+
+ROOT = "quickstart"  # under exp_out/
+SCRIPTS = "colm/experiments/bash_scripts"
+HELD_IN = ["ToyReverse", "ToySort", "ToyDouble", "ToySwaphalves", "ToyFirstletterclass", "ToyContainsa",
+           "ToyLengthparity", "ToyFirstisvowel"]
+HELD_OUT = ["TOYREVERSELONG", "TOYCONTAINSALONG", "TOYSWAPPARAPHRASE", "TOYPARITYPARAPHRASE", "TOYDOUBLEREVERSE"]
+SUFFIX = "tiny_lora"
+GATE_SUFFIX = "tiny_lora_inpgatetrainnogumbel"
+# Each evaluated method and its folder under exp_out/quickstart/ (holding best.pt and results.txt).
+METHOD_DIRS = {"PHATGOOSE": "phatgoose", "Average Activation": "experts_all", "Arrow": "arrow", "Retrieval": "retrieval", "Merged Experts": "merged",
+               "Multitask": "multitask", "Base model": "base"}
+
+
+@dataclass
+class Budget:
+    expert_steps: int = 300
+    gate_steps: int = 60
+    multitask_steps: int = 600
+    eval_examples: int = 200
+    train_examples: int = 1000
+    library_rows: int = 200  # training examples per expert in the retrieval library
+    avgact_examples: int = 200  # training examples per expert averaged for Average Activation
+    held_in: tuple = tuple(HELD_IN)
+    held_out: tuple = tuple(HELD_OUT)
+
+    @classmethod
+    def fast(cls):
+        return cls(expert_steps=30, gate_steps=6, multitask_steps=30, eval_examples=16, train_examples=200, library_rows=50,
+                   avgact_examples=24,
+                   held_in=("ToyReverse", "ToyContainsa"), held_out=("TOYREVERSELONG",))
+
+
+@dataclass
+class Stage:
+    name: str
+    commands: list = field(default_factory=list)  # each a list of argv words
+
+
+def _quote_list(items):
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+class Pipeline:
+    def __init__(self, budget: Budget, root: str = ROOT):
+        self.budget = budget
+        self.root = root
+        self.held_in = get_setting(list(budget.held_in))  # name -> scope
+        self.held_out = list(budget.held_out)
+        self.eval_scopes = [f"D/{s}/EVAL" for s in self.held_in.values()] + [f"D/{s}/EVAL" for s in self.held_out]
+        self.out = os.path.join("exp_out", root)
+
+    # ----- bindings shared by the stages --------------------------------------------------------
+    def data_bindings(self):
+        b = self.budget
+        return (f"main.logging_backend=None D/ToyDataset.num_examples={b.train_examples} "
+                + " ".join(f"D/{scope}/EVAL/ToyDataset.num_examples={b.eval_examples}"
+                           for scope in list(self.held_in.values()) + self.held_out))
+
+    def train_bindings(self, steps):
+        interval = max(steps // 3, 1)
+        return (f"{self.data_bindings()} P/TRAIN/Trainer.gradient_accumulation_factor=1 "
+                f"P/TRAIN/Trainer.num_steps={steps} P/TRAIN/Trainer.validation_step_interval={interval}")
+
+    def eval_bindings(self, processors=True):
+        analysis = "[@WriteOutputText(), @RoutingDistribution()]" if processors else "[@WriteOutputText()]"
+        return (f"{self.data_bindings()} P/EVALUATE/Evaluator.datasets={_quote_list(self.eval_scopes)} "
+                f"P/EVALUATE/Evaluator.analysis_processors={analysis} P/EVALUATE/save_results.overwrite=True")
+
+    def path(self, *parts):
+        return "/".join((self.root,) + parts)
+
+    @staticmethod
+    def manip(func, **kwargs):
+        bindings = [f"func_caller.func=@{func}"] + [
+            f"{func}.{k}={v}" if isinstance(v, (int, list)) or str(v).startswith("[") else f'{func}.{k}="{v}"'
+            for k, v in kwargs.items()]
+        return ["python", "scripts/manipulations.py", "--gin_bindings", *bindings]
+
+    # ----- the stages ---------------------------------------------------------------------------
+    def stages(self):
+        b = self.budget
+        stages = []
+        for name, scope in self.held_in.items():
+            lora = self.path("experts", f"{name}_{SUFFIX}")
+            moe = self.path("moe", f"{name}_{SUFFIX}")
+            gated = self.path("moe", f"{name}_{GATE_SUFFIX}")
+            stages.append(Stage(f"expert {name}", [
+                ["bash", f"{SCRIPTS}/train_single_task_loralinear.sh", "-exp_name", lora, "-dataset", scope,
+                 "-extra_bindings", self.train_bindings(b.expert_steps)],
+                self.manip("put_index_to_lora", path=lora, out_path=moe),
+            ]))
+            stages.append(Stage(f"average activation {name}", [
+                ["bash", f"{SCRIPTS}/reinit_router_embedding.sh", "-exp_name", moe, "-dataset", scope, "-arch", "A2",
+                 "-compute_hiddens", "True", "-hiddens_suffix", "_a2", "-max_examples", str(b.avgact_examples),
+                 "-extra_bindings", self.data_bindings()],
+            ]))
+            stages.append(Stage(f"gate {name}", [
+                ["bash", f"{SCRIPTS}/train_gate.sh", "-exp_name", gated, "-dataset", scope, "-old_exp_name", moe,
+                 "-extra_bindings", self.train_bindings(b.gate_steps)],
+                self.manip("use_input_gate_as_router", path=gated),
+            ]))
+        names = list(self.held_in)
+        concat = ["python", "scripts/concatenate.py", "--gin_bindings", f"run_concatenate.datasets={_quote_list(names)}",
+                  f'run_concatenate.expert_dir="{self.path("moe")}"']
+        stages.append(Stage("concatenate", [
+            concat + [f'run_concatenate.suffix="{GATE_SUFFIX}"', f'run_concatenate.out_path="{self.path("phatgoose")}"'],
+            concat + [f'run_concatenate.suffix="{SUFFIX}"', f'run_concatenate.out_path="{self.path("experts_all")}"'],
+            self.manip("create_router_embeddings_from_weights", path=self.path("experts_all"),
+                       out_path=self.path("arrow"), method_type="top1_eigen_weighted_vector"),
+            self.manip("average_outer_product_lora_weights", path=self.path("experts_all"),
+                       out_path=self.path("merged")),
+        ]))
+        stages.append(Stage("multitask", [
+            ["bash", f"{SCRIPTS}/train_multitask.sh", "-exp_name", self.path("multitask_lora"),
+             "-dataset_setting", _quote_list(names), "-extra_bindings", self.train_bindings(b.multitask_steps)],
+            self.manip("put_index_to_lora", path=self.path("multitask_lora"), out_path=self.path("multitask")),
+        ]))
+        retriever = ["bash", f"{SCRIPTS}/retriever.sh", "-dataset_setting", _quote_list(names),
+                     "-dataset_length", str(b.library_rows)]
+        stages.append(Stage("retrieval library", [
+            retriever + ["-make_expert_library", "True", "-extra_bindings", self.data_bindings()]]))
+        stages.append(Stage("retrieval checkpoint", [
+            retriever + ["-create_checkpoint", "True", "-old_exp_name", self.path("experts_all"),
+                         "-exp_name", self.path("retrieval")]]))
+        stages += [Stage(f"evaluate {method}", [command]) for method, command in self.evaluations().items()]
+        return stages
+
+    def eval_command(self, exp_name, extra="", routed=True):
+        return ["bash", f"{SCRIPTS}/eval_multitask.sh", "-exp_name", exp_name,
+                "-extra_bindings", f"{self.eval_bindings(routed)} {extra}".strip()]
+
+    def evaluations(self):
+        sentence = ("M/MODEL/ENCODER/ExposeHidden.reduction_method=\"masked_mean\" "
+                    "M/MODEL/DECODER/ExposeHidden.reduction_method=\"mean\" M/MODEL/FFNExperts.topk_value=None")
+        d = {method: self.path(exp) for method, exp in METHOD_DIRS.items()}
+        return {
+            "PHATGOOSE": self.eval_command(d["PHATGOOSE"]),
+            # experts_all: the experts concatenated with their average-activation router vectors.
+            "Average Activation": self.eval_command(d["Average Activation"]),
+            "Arrow": self.eval_command(d["Arrow"], 'M/MODEL/Router.score_type="arrow"'),
+            "Merged Experts": self.eval_command(d["Merged Experts"], sentence, routed=False),
+            "Multitask": self.eval_command(d["Multitask"], sentence, routed=False),
+            "Base model": self.eval_command(d["Base model"], "M/MODEL/Model.init_moma_calls=[]", routed=False),
+            "Retrieval": ["bash", f"{SCRIPTS}/retriever.sh", "-dataset_setting", _quote_list(list(self.held_in)),
+                          "-dataset_length", str(self.budget.library_rows), "-exp_name", d["Retrieval"],
+                          "-extra_bindings", self.eval_bindings(processors=False)],
+        }
+
+    def oracle_stage(self):
+        """Each held-in task evaluated with its own expert alone."""
+        commands = []
+        sentence = ("M/MODEL/ENCODER/ExposeHidden.reduction_method=\"masked_mean\" "
+                    "M/MODEL/DECODER/ExposeHidden.reduction_method=\"mean\" M/MODEL/FFNExperts.topk_value=None")
+        for name, scope in self.held_in.items():
+            commands.append(["bash", f"{SCRIPTS}/eval_multitask.sh", "-exp_name", self.path("moe", f"{name}_{SUFFIX}"),
+                             "-extra_bindings", f"{self.data_bindings()} P/EVALUATE/Evaluator.datasets=[\"D/{scope}/EVAL\"] "
+                             f"P/EVALUATE/save_results.overwrite=True {sentence}"])
+        return Stage("evaluate Oracle", commands)
+
+    # ----- running ------------------------------------------------------------------------------
+    def waves(self):
+        """Groups of stage chains; chains in a wave are independent and run in parallel, one after another
+        within a chain. Waves run in order."""
+        stages = {stage.name: stage for stage in self.stages() + [self.oracle_stage()]}
+        per_task = [[stages.pop(f"{step} {n}") for step in ("expert", "average activation", "gate")]
+                    for n in self.held_in]
+        first = per_task + [[stages.pop("multitask")], [stages.pop("retrieval library")]]
+        second = [[stages.pop("concatenate"), stages.pop("retrieval checkpoint")]]
+        return [first, second, [[stage] for stage in stages.values()]]
+
+    def run_stage(self, stage, bar, lock):
+        marker = os.path.join(self.out, ".stages", stage.name.replace(" ", "_"))
+        if os.path.exists(marker):
+            message = f"[quickstart] {stage.name}: done before, skipped"
+        else:
+            log = os.path.join(self.out, "logs", stage.name.replace(" ", "_") + ".log")
+            started = time.time()
+            with open(log, "w") as f:
+                for command in stage.commands:
+                    f.write("$ " + shlex.join(command) + "\n")
+                    f.flush()
+                    argv = [sys.executable if command[0] == "python" else command[0]] + command[1:]
+                    if subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                        raise RuntimeError(f"[quickstart] stage '{stage.name}' failed; see {log}:\n" + _tail(log))
+            open(marker, "w").close()
+            message = f"[quickstart] {stage.name}: {time.time() - started:.0f}s"
+        with lock:
+            tqdm.write(message)
+            bar.update(1)
+
+    def run(self, jobs=2):
+        os.makedirs(os.path.join(self.out, ".stages"), exist_ok=True)
+        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+        started = time.time()
+        waves = self.waves()
+        lock = threading.Lock()
+        with tqdm(total=sum(len(chain) for wave in waves for chain in wave), desc="quickstart", unit="stage",
+                  dynamic_ncols=True) as bar:
+            for wave in waves:
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    chains = [pool.submit(lambda c=chain: [self.run_stage(s, bar, lock) for s in c]) for chain in wave]
+                    for chain in chains:
+                        try:
+                            chain.result()
+                        except RuntimeError as error:
+                            raise SystemExit(str(error)) from None
+        table = self.report()
+        print(table)
+        print(f"[quickstart] total {time.time() - started:.0f}s; written to {self.out}/results.md")
+
+    # ----- the report ---------------------------------------------------------------------------
+    def scores(self):
+        """{method: {scope: score}} from each method's results.txt (last entry)."""
+        out = {}
+        for method, exp in METHOD_DIRS.items():
+            out[method] = _last_scores(os.path.join(self.out, exp, "results.txt"))
+        oracle = {}
+        for name in self.held_in:
+            oracle.update(_last_scores(os.path.join(self.out, "moe", f"{name}_{SUFFIX}", "results.txt")))
+        out["Oracle (own expert)"] = oracle
+        return out
+
+    def routing_accuracy(self, method_dir="phatgoose"):
+        """{held-in name: mean over encoder linears of the routing mass on the task's own expert}."""
+        accuracy = {}
+        for index, (name, scope) in enumerate(self.held_in.items()):
+            path = os.path.join(self.out, method_dir, "routing_distribution", f"D_{scope}_EVAL.pickle")
+            if not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                means = pickle.load(f)
+            encoder = [v for m, v in means.items() if isinstance(m, str) and m.startswith("encoder.")]
+            accuracy[name] = float(np.mean([v[index] for v in encoder]))
+        return accuracy
+
+    def report(self) -> str:
+        scores = self.scores()
+        held_in = [f"D/{s}/EVAL" for s in self.held_in.values()]
+        held_out = [f"D/{s}/EVAL" for s in self.held_out]
+        columns = held_in + held_out
+
+        def avg(values):
+            values = [v for v in values if v is not None]
+            return f"{np.mean(values):.3f}" if values else "-"
+
+        lines = ["# Quickstart: PHATGOOSE and baselines on the toy world", "",
+                 "| method | held-in avg | held-out avg | " + " | ".join(c.split("/")[1] for c in columns) + " |",
+                 "|---" * (3 + len(columns)) + "|"]
+        for method, per_task in scores.items():
+            cells = [per_task.get(c) for c in columns]
+            lines.append(f"| {method} | {avg(cells[:len(held_in)])} | {avg(cells[len(held_in):])} | "
+                         + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+        accuracy = self.routing_accuracy()
+        n = len(self.held_in)
+        lines += ["", f"Held-in routing accuracy (PHATGOOSE; mean over encoder linears of the routing mass on the "
+                      f"task's own expert; chance = 1/{n} = {1 / n:.3f}):", "",
+                  "| task | own-expert mass |", "|---|---|"]
+        lines += [f"| {name} | {value:.3f} |" for name, value in accuracy.items()]
+        text = "\n".join(lines) + "\n"
+        with open(os.path.join(self.out, "results.md"), "w") as f:
+            f.write(text)
+        return text
+
+
+def _last_scores(path):
+    if not os.path.isfile(path):
+        return {}
+    results = read_results(path)[-1][1]
+    return {k: v["score"] for k, v in results.items() if isinstance(v, dict)}
+
+
+def _tail(path, lines=30):
+    with open(path) as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="a reduced run (fewer steps and examples)")
+    parser.add_argument("--root", default=None, help="folder under exp_out/ (default quickstart, or quickstart_fast)")
+    parser.add_argument("--jobs", type=int, default=2, help="stages run in parallel (one per core)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MODEL_TYPE", "tiny")
+    budget = Budget.fast() if args.fast else Budget()
+    Pipeline(budget, args.root or (ROOT + "_fast" if args.fast else ROOT)).run(args.jobs)
+
+
+if __name__ == "__main__":
+    main()
