@@ -66,13 +66,9 @@ class Model(nn.Module):
     def insert_addon(self, module_name, addon_name, addon, order="last"):
         insert_addon(self.module(module_name), addon_name, addon, order)
         self.addons.setdefault(addon_name, {})[module_name] = addon
-        self.modules_changed()
 
     def get_addon(self, module_name, addon_name):
         return get_addon(self.module(module_name), addon_name)
-
-    def modules_changed(self):
-        """Hook for caches that depend on the module tree (none yet; kept so moma calls report changes)."""
 
     def prepare_load(self, state_dict):
         """Gives every addon the chance to create what a checkpoint holds (e.g. experts) before loading."""
@@ -81,10 +77,7 @@ class Model(nn.Module):
                 addon.prepare_load(f"{name}._addons.{addon_name}." if name else f"_addons.{addon_name}.", state_dict)
 
     def after_load(self):
-        for module in self.torch_model.modules():
-            refresh = getattr(module, "after_load", None)
-            if callable(refresh):
-                refresh()
+        """Parameters a checkpoint created (experts) get the trainable flags, precision and device of the rest."""
         if hasattr(self, "trainable_params"):  # during __init__ this runs later anyway
             self.set_trainable_params(self.trainable_params)
         if hasattr(self, "device"):

@@ -52,4 +52,3 @@ def modify_with_lora(model, lora_modules=gin.REQUIRED, lora_layers=gin.REQUIRED)
             replaced += 1
     if replaced == 0:
         raise ValueError(f"modify_with_lora: no linear matched lora_modules={lora_modules!r}, lora_layers={lora_layers!r}.")
-    model.modules_changed()

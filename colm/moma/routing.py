@@ -36,7 +36,8 @@ FUSED_ROWS_MULTIPLE = 16
 CHUNK_MAX_ROWS = 512
 CHUNK_MAX_PADDING = 1.5
 CHUNK_PADDING_SLACK = 16
-# routed_lora computes every expert densely when N <= this * k (measured faster up to N=8 at k=2, T=2048).
+# routed_lora computes every expert densely when N <= this * k (measured at k=2, T=2048, CPU: clearly faster
+# than the chunked path for N <= 4, on par at N = 8).
 DENSE_MAX_EXPERTS_PER_K = 4
 
 
@@ -200,7 +201,8 @@ def _plan_chunks(counts):
 def routed_lora(x, layer1, layer2, indices, weights, scale, out=None):
     """dY (..., d_out) = sum_j weights[..., j] * (x @ layer1[e_j] @ layer2[e_j]) * scale, e_j = indices[..., j].
 
-    Computes only the chosen (token, expert) pairs. Differentiable w.r.t. x, layer1, layer2 and weights.
+    Computes only the chosen (token, expert) pairs (`_chunked_lora`), unless there are so few experts that
+    computing all of them is cheaper (`_dense_lora`). Differentiable w.r.t. x, layer1, layer2 and weights.
     Computes in the promoted dtype of x and the LoRA factors (so bf16 activations with fp32 experts run in fp32,
     like LoRALinear) and returns x's dtype. If `out` (..., d_out) is given, returns out + dY instead; when
     autograd is not recording, `out` itself is updated in place (saves a zero-fill and an add).
@@ -223,8 +225,8 @@ def routed_lora(x, layer1, layer2, indices, weights, scale, out=None):
             acc = torch.zeros(xf.shape[0], d_out, dtype=compute_dtype, device=x.device)
         else:
             acc = out.reshape(-1, d_out).to(compute_dtype)
-    # Few experts: computing all of them densely costs at most DENSE_MAX_EXPERTS_PER_K x the chosen pairs' FLOPs
-    # (a few % of the base linear) and needs no sorting, gathering or scattering, which cost more here.
+    # Few experts: computing all of them densely costs at most DENSE_MAX_EXPERTS_PER_K x the chosen pairs' FLOPs,
+    # in two plain GEMMs with no sorting, gathering or scattering (which cost more than those FLOPs here).
     lora = _dense_lora if n_experts <= DENSE_MAX_EXPERTS_PER_K * k else _chunked_lora
     result = lora(xf, layer1.to(compute_dtype), layer2.to(compute_dtype), indices.reshape(-1, k), pair_weights, acc)
     if not inplace:
@@ -257,9 +259,9 @@ def _chunked_lora(xf, layer1, layer2, indices, pair_weights, acc):
     every expert of the chunk padded to the chunk's capacity. Padding rows read token 0 with weight 0, so they
     add exact zeros. Same acc convention as _dense_lora.
 
-    Measured on 2 CPU cores at N=166, T=2048, k=2 (benchmarks/routing.py): one mm pair per expert costs
-    0.8-1.2x the base linear (a small mm is ~20 us there); chunks of up to 512 rows bring that to ~0.6x,
-    because bmm spreads the experts of a chunk over the threads.
+    Measured on 2 CPU cores at N=166, T=2048, k=2, d=768, r=16: one mm pair per expert costs 0.8-1.2x the
+    base linear (a small mm is ~20 us there); chunks of up to 512 rows bring that to ~0.5x, because bmm
+    spreads the experts of a chunk over the threads and there are ~10x fewer calls.
     """
     n_experts, d_in, _ = layer1.shape
     d_out = layer2.shape[2]
