@@ -192,7 +192,8 @@ class Router(ExtendableAddon):
         if g.requires_grad or self.score_type == "weighted_cosine":  # trained: recompute, keep the graph
             prepared = self._prepare(g)
             return prepared * self.weights if self.score_type == "weighted_cosine" else prepared
-        version = (g.data_ptr(), g._version, g.dtype, g.device, tuple(g.shape))
+        # _version counts in-place updates (e.g. a load); inference tensors have none and cannot be updated.
+        version = (g.data_ptr(), None if g.is_inference() else g._version, g.dtype, g.device, tuple(g.shape))
         if self._prepared_for != version:
             with torch.no_grad():
                 self._prepared = self._prepare(g)
