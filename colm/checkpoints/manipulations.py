@@ -189,11 +189,15 @@ def use_input_gate_in_router_and_expert(path=gin.REQUIRED, out_path=gin.REQUIRED
     return save(use_input_gate_in_router_and_expert_state(load(path)), out_path)
 
 
-def delete_expert_input_gate_state(state: dict) -> dict:
-    out = _without(state, K.is_input_gate_key)
+def _delete(state: dict, is_deleted, function: str, what: str) -> dict:
+    out = _without(state, is_deleted)
     if len(out) == len(state):
-        print("[colm] delete_expert_input_gate: the checkpoint has no expert_input_gate keys; nothing deleted.")
+        print(f"[colm] {function}: the checkpoint has no {what}; nothing deleted.")
     return out
+
+
+def delete_expert_input_gate_state(state: dict) -> dict:
+    return _delete(state, K.is_input_gate_key, "delete_expert_input_gate", "expert_input_gate keys")
 
 
 @gin.configurable
@@ -271,10 +275,7 @@ def create_router_embeddings(path=gin.REQUIRED, regex_pattern_list=gin.REQUIRED,
 
 
 def delete_router_embeddings_state(state: dict) -> dict:
-    out = _without(state, K.is_router_key)
-    if len(out) == len(state):
-        print("[colm] delete_router_embeddings: the checkpoint has no router vectors; nothing deleted.")
-    return out
+    return _delete(state, K.is_router_key, "delete_router_embeddings", "router vectors")
 
 
 @gin.configurable
