@@ -111,3 +111,34 @@ def test_generation_matches_teacher_forced_scoring_with_routed_decoder():
     alive = torch.ones_like(produced, dtype=torch.bool)
     alive[:, 1:] = (produced[:, :-1] != model.eos_id).cumprod(dim=1).bool()  # up to and including eos
     assert torch.equal(logits.argmax(-1)[alive], produced[alive])
+
+
+def test_put_index_to_lora_checkpoint_equals_the_loralinear_model(make_model):
+    """Stage 1b: the 1-expert MoE checkpoint computes exactly what the LoRALinear model it came from does."""
+    import functools
+
+    from colm.checkpoints.manipulations import put_index_to_lora_state
+    from colm.moma.lora import modify_with_lora
+    from colm.moma.weights import load_state_into
+
+    lora = functools.partial(modify_with_lora, lora_modules=".*SelfAttention|.*EncDecAttention|.*DenseReluDense",
+                             lora_layers="q|k|v|o|w.*")
+    source = make_model([lora])
+    with torch.no_grad():
+        for name, param in source.torch_model.named_parameters():
+            if "expert_lora_b" in name:
+                param.normal_(std=0.5)
+    state = {k: v for k, v in source.torch_model.state_dict().items() if "expert_lora" in k}
+    moe_state = put_index_to_lora_state(state)
+    sentence = ["colm/datasets/toy.gin", "colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16.gin"]
+    moe = build_model(sentence, NO_LOAD[:1] + ["M/MODEL/Model.device='cpu'"], n_experts=0)
+    load_state_into(moe, moe_state, "put_index_to_lora output")
+    assert expert_count(moe) == 1
+    source.eval()
+    ids = torch.randint(3, 250, (2, 9))
+    with torch.no_grad():
+        expected = source.torch_model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        got = moe.torch_model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        base = make_model().torch_model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    assert (expected - base).abs().max() > 1e-2  # the LoRA does change the outputs
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
