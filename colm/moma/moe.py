@@ -160,6 +160,8 @@ class Router(ExtendableAddon):
         self.retrieval_embedding_dim = retrieval_embedding_dim
         self.epsilon = epsilon
         self.router_type, self.score_type = router_type, score_type
+        # weighted_cosine is cosine scoring with learned weights folded into the prepared vectors.
+        self.routing_score_type = "cosine" if score_type == "weighted_cosine" else score_type
         self.scaling_scores = scaling_scores in (True, "True")
         self.temperature = temperature
         self.expert_embeddings = nn.Parameter(torch.zeros(0, d_router))
@@ -183,8 +185,7 @@ class Router(ExtendableAddon):
         if self.is_retriever:  # L2-normalised library rows (N, K, dim)
             rows = g.float().view(g.shape[0], -1, self.retrieval_embedding_dim)
             return torch.nn.functional.normalize(rows, dim=-1, eps=self.epsilon)
-        base_type = "cosine" if self.score_type == "weighted_cosine" else self.score_type
-        return routing.prepare_router_vectors(g.float(), base_type)
+        return routing.prepare_router_vectors(g.float(), self.routing_score_type)
 
     def prepared_vectors(self):
         """Standardised / normalised router vectors (or retrieval library), recomputed only when they change."""
@@ -208,8 +209,7 @@ class Router(ExtendableAddon):
             probs = retrieval_one_hot(hidden, self.prepared_vectors(), self.epsilon)
             self.global_hidden_dict[self.write_key] = probs
             return None
-        base_type = "cosine" if self.score_type == "weighted_cosine" else self.score_type
-        probs = routing.router_probs(hidden.float(), self.prepared_vectors(), base_type, self.scaling_scores,
+        probs = routing.router_probs(hidden.float(), self.prepared_vectors(), self.routing_score_type, self.scaling_scores,
                                      self.router_type, self.temperature)
         self.global_hidden_dict[self.write_key] = probs
         if self.concatenate:
