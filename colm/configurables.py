@@ -2,7 +2,7 @@
 
 from colm import registry  # noqa: F401  build
 from colm.checkpoints import expert_order  # noqa: F401  setting_scopes
-from colm.datasets import dataset, local, metrics, toy  # noqa: F401
+from colm.datasets import bigbench, dataset, flan, local, metrics, p3, suites, toy  # noqa: F401
 from colm.models import hf_loading, model  # noqa: F401
 from colm.moma import hiddens, lora, moe, weights  # noqa: F401
 from colm.procedures import (  # noqa: F401

@@ -18,5 +18,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing $(basename "$reqs") into $venv (first run takes a few minutes)"
   "$venv/bin/python" -m pip install -q --upgrade pip
   "$venv/bin/python" -m pip install -q -r "$reqs"
+  # promptsource (the P3 templates) declares python<3.10 and old pins; its code runs on 3.11 beside
+  # setuptools<81 (it imports pkg_resources), so it is installed without its declared dependencies.
+  "$venv/bin/python" -m pip install -q --no-deps --ignore-requires-python "promptsource==0.2.3"
   echo "$want" > "$stamp"
 fi
