@@ -9,6 +9,7 @@ import pytest
 
 import colm.configurables  # noqa: F401  registers every configurable the registries name
 from colm import registry
+from colm.checkpoints import expert_order
 from colm.datasets import hub, suites
 from colm.datasets.local import DATA_DIR_ENV
 
@@ -60,10 +61,12 @@ def test_hub_loads_go_to_the_current_repository(monkeypatch):
     monkeypatch.setattr(hf_datasets, "load_dataset", fake_load_dataset)
     hub.load_hf_split(["huggingface", "ag_news"], "test")
     hub.load_hf_split(["super_glue", "rte"], "validation")
+    hub.load_hf_split(["social_i_qa"], "validation")
     hub.load_hf_split(["some_org/unmapped", "cfg"], "train")
     assert calls[0] == ("fancyzhx/ag_news", None, "test", None)
-    assert calls[1] == ("aps/super_glue", "rte", "validation", "refs/convert/parquet")
-    assert calls[2] == ("some_org/unmapped", "cfg", "train", None)
+    assert calls[1] == ("aps/super_glue", "rte", "validation", None)
+    assert calls[2] == ("allenai/social_i_qa", None, "validation", "refs/convert/parquet")
+    assert calls[3] == ("some_org/unmapped", "cfg", "train", None)
 
 
 def test_hub_failure_says_how_to_work_offline(monkeypatch):
@@ -96,16 +99,29 @@ def test_suite_scopes_keep_the_paper_order():
         suites.suite_scopes("BHH")
 
 
-def test_every_suite_scope_is_defined_in_the_registries():
+def registry_scopes():
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings(REGISTRIES, [])
-        known = set(registry.known_scopes())
+        return set(registry.known_scopes())
     finally:
         gin.clear_config()
+
+
+def test_every_suite_scope_is_defined_in_the_registries():
+    known = registry_scopes()
     for name, scopes in suites.SUITES.items():
         missing = [s for s in scopes if f"D/{s}/EVAL" not in known]
         assert not missing, f"suite {name} names undefined scopes {missing}"
+
+
+def test_every_expert_of_the_flan_setting_has_train_and_eval_scopes():
+    known = registry_scopes()
+    full = expert_order.SETTINGS["Full"]
+    assert len(full) == 166
+    missing = [f"D/{scope}/{split}" for scope in full.values() for split in ("TRAIN", "EVAL")
+               if f"D/{scope}/{split}" not in known]
+    assert not missing
 
 
 def test_suite_procedures_win_over_the_launcher_default_datasets():
