@@ -9,8 +9,7 @@ import warnings
 
 import gin
 import pytest
-import torch
-from conftest import subprocess_env
+from conftest import subprocess_env, write_random_moe_checkpoint
 
 from colm import registry
 from colm.datasets import bigbench_package as bbp
@@ -378,23 +377,6 @@ def test_package_generates_the_bbh_only_tasks(monkeypatch, byt5):
 
 BBLITE_RUN = ["BBKNOWNUNKNOWNS", "BBNOVELCONCEPTS", "BBOPERATORS"]
 BBH_RUN = ["BBLOGICALDEDUCTION", "BBOBJECTCOUNTING", "BBSNARKS"]
-
-
-def write_random_moe_checkpoint(path, n_experts=2):
-    from colm.moma.moe import extend_moe
-    from colm.moma.weights import write_checkpoint
-
-    parse_gin(["colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16_a2.gin"],
-              ['M/MODEL/Model.init_moma_calls=[@M/MODEL/ENCODER/watch_hiddens, @M/MODEL/DECODER/watch_hiddens, '
-               '@M/MODEL/ENCODER/make_moe, @M/MODEL/DECODER/make_moe]', "M/MODEL/Model.device='cpu'"])
-    model = registry.get_object("M/MODEL")
-    extend_moe(model, num_new_experts=n_experts)
-    generator = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(v.shape, generator=generator) * 0.1
-             for k, v in model.torch_model.state_dict().items() if "_addons" in k}
-    write_checkpoint(state, str(path))
-    gin.clear_config()
-    registry.reset()
 
 
 @needs_package

@@ -442,3 +442,47 @@ def test_local_only_sources_explain_what_is_missing(monkeypatch, tmp_path):
         _direct(p3.CBKGenDataset, split="test", dataset_path=["ct0_data", "haiku"])
     with pytest.raises(FileNotFoundError, match="story_cloze"):
         _direct(p3.P3StoryClozeDataset, split="test", dataset_path=["story_cloze", "2016"])
+
+
+# ---- end to end: eval_multitask.sh on P3 scopes read from the fixtures ----------------------------------
+
+E2E_SCOPES = ["D/P3AGNEWS/EVAL", "D/P3RTE/EVAL", "D/P3ROPES/EVAL", "D/P3WIKIBIO/EVAL"]
+
+
+def test_eval_multitask_scores_p3_scopes_from_local_copies(in_tmp_repo, fixtures_dir, tokenizer):
+    """The launcher evaluates held-in (round robin), held-out (every original template), squad and bleu/rouge
+    scopes; every example is the dataset's own item and the reported accuracy is the outputs' accuracy."""
+    import subprocess
+
+    from conftest import subprocess_env, write_random_moe_checkpoint
+
+    from colm.procedures.results import read_results
+
+    write_random_moe_checkpoint(in_tmp_repo / "exp_out" / "p3tiny" / "best.pt")
+    bindings = ("main.logging_backend=None P/EVALUATE/Evaluator.datasets=[" + ", ".join(f'"{s}"' for s in E2E_SCOPES)
+                + "] P/EVALUATE/Evaluator.analysis_processors=[@WriteOutputText()]")
+    env = subprocess_env(in_tmp_repo)  # carries COLM_DATA_DIR (fixtures_dir)
+    done = subprocess.run(["bash", "colm/experiments/bash_scripts/eval_multitask.sh", "-exp_name", "p3tiny",
+                           "-model_type", "tiny", "-extra_bindings", bindings],
+                          cwd=in_tmp_repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = read_results(str(in_tmp_repo / "exp_out" / "p3tiny" / "results.txt"))[-1][1]
+    assert set(results["D/P3ROPES/EVAL"]) == {"squad_exact_match", "squad_f1", "score"}
+    assert set(results["D/P3WIKIBIO/EVAL"]) == {"bleu", "rougeL", "score"}
+
+    gin.parse_config_files_and_bindings([REGISTRY], [])
+    for scope in E2E_SCOPES:
+        dataset = build(scope, tokenizer)
+        with open(in_tmp_repo / "exp_out" / "p3tiny" / "output_text" / (scope.replace("/", "_") + ".json")) as f:
+            records = json.load(f)
+        assert len(records) == len(dataset), scope
+        for i, record in enumerate(records):
+            item = dataset[i]
+            assert (record["input_str"], record["target_str"]) == (item["input_str"], item["target_str"]), scope
+            if "prediction" in record:
+                assert (record["answer_choices"], record["label"]) == (item["answer_choices"], item["label"])
+            else:
+                assert record["references"] == item["references"]
+        if "accuracy" in results[scope]:
+            accuracy = np.mean([r["prediction"] == r["label"] for r in records])
+            assert results[scope]["accuracy"] == round(float(accuracy), 3), scope
