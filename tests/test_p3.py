@@ -151,7 +151,7 @@ def test_registry_follows_the_expert_order(p3_registry):
 
 def _check_promptsource_items(scope, dataset):
     """Every item equals promptsource applied to the fixture row (independently read and rendered)."""
-    parts = p3.hf_parts(dataset.dataset_path)
+    parts = p3.path_parts(dataset.dataset_path)
     names = expected_template_names(parts, dataset.include_templates, dataset.ignore_templates)
     assert [name for name, _ in dataset.templates] == names, scope
     collection = templates_of(tuple(parts))
@@ -190,7 +190,7 @@ def _check_promptsource_items(scope, dataset):
 
 
 def _check_plain_items(scope, dataset):
-    rows = fixture_rows(p3.hf_parts(dataset.dataset_path), dataset.split)
+    rows = fixture_rows(p3.path_parts(dataset.dataset_path), dataset.split)
     if isinstance(dataset, p3.LudwigDataset):
         assert len(dataset) == 6 * len(rows)
         for i in range(len(dataset)):

@@ -105,14 +105,18 @@ def _load_one(parts, split):
         ) from error
 
 
+def path_parts(dataset_path):
+    """dataset_path as a list of names [name, config...], without the original's leading "huggingface"."""
+    parts = [p for p in ([dataset_path] if isinstance(dataset_path, str) else (dataset_path or [])) if p]
+    return parts[1:] if parts and parts[0] == "huggingface" else parts
+
+
 def load_hf_split(dataset_path, split):
     """The `datasets.Dataset` of one split; dataset_path = (name,) or (name, config), as in the registries.
 
     A leading "huggingface" element (the original's dataset_path convention) is accepted and dropped.
     """
-    parts = [p for p in (dataset_path if not isinstance(dataset_path, str) else [dataset_path]) if p]
-    if parts and parts[0] == "huggingface":
-        parts = parts[1:]
+    parts = path_parts(dataset_path)
     if not parts:
         raise ValueError(f"dataset_path={dataset_path!r} names no dataset; expected (name,) or (name, config).")
     if split == "train_validation":

@@ -26,21 +26,13 @@ import gin
 import numpy as np
 
 from colm.datasets.dataset import Dataset
-from colm.datasets.hub import load_hf_split
+from colm.datasets.hub import load_hf_split, path_parts
 from colm.datasets.local import DATA_DIR_ENV, load_local_split, resolve_local_source
 
 NO_LABEL = "<NO LABEL>"
 NO_INPUT = "<NO INPUT>"
 # Seed of the shuffle that splits single-split sources (app_reviews, covid QA) into train and eval.
 HOLDOUT_SHUFFLE_SEED = 1234
-
-
-def hf_parts(dataset_path):
-    """dataset_path as a list of names, without the original's leading "huggingface"."""
-    parts = [dataset_path] if isinstance(dataset_path, str) else [p for p in (dataset_path or []) if p]
-    if parts and parts[0] == "huggingface":
-        parts = parts[1:]
-    return list(parts)
 
 
 # (dataset parts, split, $COLM_DATA_DIR) -> datasets.Dataset. Per-template and per-split scopes of one
@@ -262,21 +254,21 @@ class P3Dataset(Dataset):
 
     # ---- loading --------------------------------------------------------------------------------
     def where(self):
-        return f"{type(self).__name__} {self.name!r} ({'/'.join(hf_parts(self.dataset_path))})"
+        return f"{type(self).__name__} {self.name!r} ({'/'.join(path_parts(self.dataset_path))})"
 
     def load_rows(self):
         """The split as a `datasets.Dataset`."""
-        return load_split_cached(hf_parts(self.dataset_path), self.split)
+        return load_split_cached(path_parts(self.dataset_path), self.split)
 
     def template_catalogue(self):
         """[(name, template, is_original)] of every template available, in promptsource order."""
-        catalogue = promptsource_catalogue(hf_parts(self.dataset_path))
+        catalogue = promptsource_catalogue(path_parts(self.dataset_path))
         if not catalogue:
-            raise ValueError(f"{self.where()}: promptsource has no templates for {hf_parts(self.dataset_path)}.")
+            raise ValueError(f"{self.where()}: promptsource has no templates for {path_parts(self.dataset_path)}.")
         return catalogue
 
     def load_data(self):
-        if not hf_parts(self.dataset_path):
+        if not path_parts(self.dataset_path):
             raise ValueError(f"{type(self).__name__} {self.name!r}: set P3Dataset.dataset_path, e.g. ['super_glue', 'rte'].")
         self.catalogue = self.template_catalogue()
         chosen = select_template_names(
@@ -516,7 +508,7 @@ class CBKGenDataset(P3Dataset):
         super().__init__(*args, **kwargs)
 
     def load_rows(self):
-        rows = _local_rows(hf_parts(self.dataset_path), self.split, self.where())
+        rows = _local_rows(path_parts(self.dataset_path), self.split, self.where())
         missing = [f for f in ("src", "tgt") if f not in rows.column_names]
         if missing:
             raise KeyError(f"{self.where()}: the local rows lack fields {missing}; columns: {rows.column_names}.")
