@@ -18,7 +18,7 @@ import warnings
 import gin
 
 from colm.datasets import bigbench_package
-from colm.datasets.dataset import Dataset
+from colm.datasets.dataset import TableDataset
 from colm.datasets.hub import load_hf_split
 from colm.datasets.local import resolve_local_source
 
@@ -47,20 +47,8 @@ def _check_source(source, where):
         raise ValueError(f"{where}: source={source!r} is not one of {list(SOURCES)}.")
 
 
-class _RowsDataset(Dataset):
-    """Shared plumbing: `self.rows` is an Arrow dataset or PackageTaskRows, indexed lazily."""
-
-    def truncate_dataset(self):
-        indices = self.subset_indices()
-        if indices is not None:
-            self.rows = self.rows.select(indices)
-
-    def __len__(self):
-        return len(self.rows)
-
-
 @gin.configurable
-class BigBenchDataset(_RowsDataset):
+class BigBenchDataset(TableDataset):
     """A BIG-bench task in tasksource/bigbench rows; items as spec 6.4.
 
     input = inputs + "\\nAnswer:" (inputs "<NO INPUT>" when empty); target = the longest target;
@@ -75,7 +63,6 @@ class BigBenchDataset(_RowsDataset):
         self.hub_name, self.task = _hub_path_parts(dataset_path, TASKSOURCE, f"BigBenchDataset {name!r}")
         self.requested_source = source
         self.source = None
-        self.rows = None
         self._warned_label = False
         super().__init__(name=name, split=split, batch_size=batch_size, dataset_path=dataset_path, seed=seed,
                          max_examples_per_dataset=max_examples_per_dataset, metrics=metrics, max_length=max_length)
@@ -90,17 +77,14 @@ class BigBenchDataset(_RowsDataset):
     def load_data(self):
         self.source = self.resolve_source()
         if self.source == "package":
-            self.rows = bigbench_package.PackageTaskRows.load(self.task, "all" if self.split == "default" else self.split)
+            self.data = bigbench_package.PackageTaskRows.load(self.task, self.split)
         else:
-            self.rows = load_hf_split([self.hub_name, self.task], self.split)
-            missing = [c for c in ("inputs", "targets", "multiple_choice_targets", "multiple_choice_scores")
-                       if c not in self.rows.column_names]
-            if missing:
-                raise KeyError(f"BigBenchDataset {self.name!r}: {self.hub_name}/{self.task} split {self.split!r} "
-                               f"lacks columns {missing}; columns: {self.rows.column_names}.")
+            self.data = load_hf_split([self.hub_name, self.task], self.split)
+            self.require_columns(("inputs", "targets", "multiple_choice_targets", "multiple_choice_scores"),
+                                 f"{self.hub_name}/{self.task} split {self.split!r}")
 
     def get_example(self, i):
-        row = self.rows[int(i)]
+        row = self.data[int(i)]
         targets = [str(t) for t in row["targets"]]
         if not targets:
             raise ValueError(f"BigBenchDataset {self.name!r} row {i} has no targets: {row}.")
@@ -132,7 +116,7 @@ class BigBenchDataset(_RowsDataset):
 
 
 @gin.configurable
-class BigBenchSampleDataset(_RowsDataset):
+class BigBenchSampleDataset(TableDataset):
     """A BBH task in lukaemon/bbh rows (input, target); answer choices are fixed per task in gin."""
 
     def __init__(self, name, split="test", batch_size=32, dataset_path=None, answer_choices=(), source="auto",
@@ -142,7 +126,6 @@ class BigBenchSampleDataset(_RowsDataset):
         self.answer_choices = [str(c) for c in answer_choices]
         self.requested_source = source
         self.source = None
-        self.rows = None
         super().__init__(name=name, split=split, batch_size=batch_size, dataset_path=dataset_path, seed=seed,
                          max_examples_per_dataset=max_examples_per_dataset, metrics=metrics, max_length=max_length)
 
@@ -155,12 +138,12 @@ class BigBenchSampleDataset(_RowsDataset):
             import datasets as hf_datasets  # imported on use: it costs most of a second at start-up
 
             generated = bigbench_package.generate_bbh_rows(self.task)
-            self.rows = hf_datasets.Dataset.from_dict(
+            self.data = hf_datasets.Dataset.from_dict(
                 {"input": [r["input"] for r in generated], "target": [r["target"] for r in generated]}
             )
             return
         try:
-            self.rows = load_hf_split([self.hub_name, self.task], self.split)
+            self.data = load_hf_split([self.hub_name, self.task], self.split)
         except RuntimeError as error:
             if self.task in bigbench_package.PROGRAMMATIC_BBH:
                 raise RuntimeError(
@@ -169,13 +152,10 @@ class BigBenchSampleDataset(_RowsDataset):
                     f"{self.name}/BigBenchSampleDataset.source = \"package\"."
                 ) from error
             raise
-        missing = [c for c in ("input", "target") if c not in self.rows.column_names]
-        if missing:
-            raise KeyError(f"BigBenchSampleDataset {self.name!r}: {self.hub_name}/{self.task} split {self.split!r} "
-                           f"lacks columns {missing}; columns: {self.rows.column_names}.")
+        self.require_columns(("input", "target"), f"{self.hub_name}/{self.task} split {self.split!r}")
 
     def get_example(self, i):
-        row = self.rows[int(i)]
+        row = self.data[int(i)]
         target = str(row["target"])
         return {
             "input_str": (row["input"] or NO_INPUT) + ANSWER_CUE,

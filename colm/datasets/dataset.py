@@ -311,3 +311,27 @@ class Dataset(torch.utils.data.Dataset):
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, size={len(self)})"
+
+
+class TableDataset(Dataset):
+    """A dataset whose rows stay in `self.data` (a `datasets.Dataset`, or anything with len, [i] and
+    select), read lazily in `get_example`; max_examples_per_dataset keeps an index subset, not a copy."""
+
+    data = None
+
+    def truncate_dataset(self):
+        indices = self.subset_indices()
+        if indices is not None:
+            self.data = self.data.select(indices)
+
+    def __len__(self):
+        return len(self.data)
+
+    def require_columns(self, columns, where):
+        """Raises naming the missing columns of self.data (where: which file or source was read)."""
+        missing = [c for c in columns if c not in self.data.column_names]
+        if missing:
+            raise KeyError(
+                f"{type(self).__name__} {self.name!r}: {where} lacks column(s) {missing}; "
+                f"columns: {self.data.column_names}."
+            )

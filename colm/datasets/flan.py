@@ -14,8 +14,9 @@ import gin
 import numpy as np
 import pyarrow.compute as pc
 
-from colm.datasets.dataset import Dataset
-from colm.datasets.local import DATA_DIR_ENV, load_local_split
+from colm.datasets.dataset import TableDataset
+from colm.datasets.hub import path_parts
+from colm.datasets.local import DATA_DIR_ENV, load_local_split, resolve_local_source
 
 ANSWER_OPTIONS = {"all": ("opt", "noopt"), "opt": ("opt",), "noopt": ("noopt",)}
 SPLITS = ("train", "validation")
@@ -51,7 +52,7 @@ def _not_blank(column):
 
 
 @gin.configurable
-class FlanDataset(Dataset):
+class FlanDataset(TableDataset):
     """One FLAN task (or NIV2 category) folder; items are (inputs -> targets), evaluated by generation.
 
     dataset_path: folder under $COLM_DATA_DIR, a string "FLANV2/Flan2021/glue/sst2:2.0.0" or a list of
@@ -81,7 +82,6 @@ class FlanDataset(Dataset):
         if split not in SPLITS:
             raise ValueError(f"FlanDataset {name!r}: split {split!r} is not one of {list(SPLITS)}.")
         self.fields = (input_field, target_field, template_type_field)
-        self.data = None
         super().__init__(
             name=name,
             split=split,
@@ -93,27 +93,18 @@ class FlanDataset(Dataset):
             max_length=max_length,
         )
 
-    def folder(self):
-        parts = [self.dataset_path] if isinstance(self.dataset_path, str) else list(self.dataset_path)
-        relative = "/".join(str(p).strip("/") for p in parts)
-        root = os.environ.get(DATA_DIR_ENV)
-        return relative, (os.path.join(os.path.expanduser(root), relative) if root else None)
-
     def load_data(self):
-        relative, path = self.folder()
+        relative = "/".join(str(p).strip("/") for p in path_parts(self.dataset_path))
+        path = resolve_local_source([relative])
         if path is None or not os.path.isdir(path):
-            where = f"{path!r}" if path else f"$COLM_DATA_DIR/{relative} ({DATA_DIR_ENV} is not set)"
+            root = os.environ.get(DATA_DIR_ENV)
+            where = os.path.join(os.path.expanduser(root), relative) if root else f"${DATA_DIR_ENV}/{relative} ({DATA_DIR_ENV} is not set)"
             raise FileNotFoundError(
-                f"FlanDataset {self.name!r}: FLAN folder {where} not found. Build the FLAN folders once with\n"
-                f"  {BUILD_COMMAND}\nand export {DATA_DIR_ENV} to that --out_dir."
+                f"FlanDataset {self.name!r}: FLAN folder {where} not found. Build the "
+                f"FLAN folders once with\n  {BUILD_COMMAND}\nand export {DATA_DIR_ENV} to that --out_dir."
             )
         self.data = load_local_split(path, "train")
-        missing = [c for c in self.fields if c not in self.data.column_names]
-        if missing:
-            raise KeyError(
-                f"FlanDataset {self.name!r}: {path!r} lacks column(s) {missing}; columns: {self.data.column_names}. "
-                f"Rebuild it with `{BUILD_COMMAND}`."
-            )
+        self.require_columns(self.fields, f"{path!r} (rebuild it with `{BUILD_COMMAND}`)")
 
     def process_data(self):
         table = self.data.data  # the Arrow table; a freshly loaded dataset has no index mapping
@@ -126,14 +117,6 @@ class FlanDataset(Dataset):
         keep = pc.and_(wanted, pc.and_(_not_blank(table.column(input_field)), _not_blank(table.column(target_field))))
         kept = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
         self.data = self.data.select(split_rows(kept, self.split))
-
-    def truncate_dataset(self):
-        indices = self.subset_indices()
-        if indices is not None:
-            self.data = self.data.select(indices)
-
-    def __len__(self):
-        return len(self.data)
 
     def get_example(self, i):
         row = self.data[int(i)]

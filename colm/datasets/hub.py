@@ -69,6 +69,8 @@ HUB_SOURCES = {
 LOCAL_ONLY = {
     "story_cloze": "Story Cloze 2016 needs a manual download (https://cs.rochester.edu/nlp/rocstories/); "
     "convert it with datasets and save_to_disk into $COLM_DATA_DIR/story_cloze/2016.",
+    "ct0_data": "the CT0 generation sets (CBK) have no hub copy; put each task's <split>.jsonl (fields src, tgt) "
+    "into $COLM_DATA_DIR/ct0_data/<task>.",
 }
 
 

@@ -17,7 +17,7 @@ import os
 
 import gin
 
-from colm.datasets.dataset import Dataset
+from colm.datasets.dataset import TableDataset
 
 DATA_DIR_ENV = "COLM_DATA_DIR"
 _SPLIT_FILE_EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -75,7 +75,7 @@ def load_local_split(path, split):
 
 
 @gin.configurable
-class LocalDataset(Dataset):
+class LocalDataset(TableDataset):
     """A dataset read from local files; field names map columns to example keys.
 
     path: file or directory (environment variables are expanded); defaults to
@@ -114,7 +114,6 @@ class LocalDataset(Dataset):
             "label": label_field,
             "references": references_field,
         }
-        self.data = None
         super().__init__(
             name=name,
             split=split,
@@ -128,21 +127,8 @@ class LocalDataset(Dataset):
 
     def load_data(self):
         self.data = load_local_split(self.path, self.split)
-        columns = self.data.column_names
-        for key, column in self.fields.items():
-            if column is not None and column not in columns:
-                raise KeyError(
-                    f"LocalDataset {self.name!r}: field {column!r} (for {key}) is not a column "
-                    f"of {self.path!r} split {self.split!r}; columns: {columns}."
-                )
-
-    def truncate_dataset(self):
-        indices = self.subset_indices()
-        if indices is not None:
-            self.data = self.data.select(indices)
-
-    def __len__(self):
-        return len(self.data)
+        mapped = [column for column in self.fields.values() if column is not None]
+        self.require_columns(mapped, f"{self.path!r} split {self.split!r}")
 
     def get_example(self, i):
         row = self.data[int(i)]

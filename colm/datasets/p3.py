@@ -27,7 +27,7 @@ import numpy as np
 
 from colm.datasets.dataset import Dataset
 from colm.datasets.hub import load_hf_split, path_parts
-from colm.datasets.local import DATA_DIR_ENV, load_local_split, resolve_local_source
+from colm.datasets.local import DATA_DIR_ENV
 
 NO_LABEL = "<NO LABEL>"
 NO_INPUT = "<NO INPUT>"
@@ -479,18 +479,6 @@ class P3TrecDataset(P3Dataset):
         super().load_data()
 
 
-def _local_rows(parts, split, what):
-    """A split that exists only on local disk, under $COLM_DATA_DIR/<parts...>."""
-    source = resolve_local_source(parts)
-    if source is None:
-        raise FileNotFoundError(
-            f"{what}: no local copy of {'/'.join(parts)!r}; put <split>.jsonl files (or a save_to_disk "
-            f"directory) at ${DATA_DIR_ENV}/{'/'.join(parts)} and set {DATA_DIR_ENV} "
-            f"(now {os.environ.get(DATA_DIR_ENV)!r})."
-        )
-    return load_local_split(source, split)
-
-
 @gin.configurable
 class CBKGenDataset(P3Dataset):
     """CT0 generation tasks read from local JSON lines with fields src (prompt, instruction included)
@@ -508,7 +496,7 @@ class CBKGenDataset(P3Dataset):
         super().__init__(*args, **kwargs)
 
     def load_rows(self):
-        rows = _local_rows(path_parts(self.dataset_path), self.split, self.where())
+        rows = super().load_rows()  # local only: colm.datasets.hub.LOCAL_ONLY says where the files go
         missing = [f for f in ("src", "tgt") if f not in rows.column_names]
         if missing:
             raise KeyError(f"{self.where()}: the local rows lack fields {missing}; columns: {rows.column_names}.")
