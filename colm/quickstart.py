@@ -17,8 +17,9 @@ words it learned), and a composition of two skills (two experts would have to be
 """
 
 import argparse
+import json
 import os
-import pickle
+import re
 import shlex
 import subprocess
 import sys
@@ -30,38 +31,44 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from colm.checkpoints.expert_order import get_setting
+from colm.checkpoints.expert_order import TOY_NAMES, get_setting
+from colm.datasets.toy import HELD_OUT_TASKS, scope_name, task_format, task_of_scope
 from colm.procedures.results import read_results
+from colm.utils.progress import progress
+from colm.utils.reproducible import set_reproducible_cpu_env
 
 ROOT = "quickstart"  # under exp_out/
 SCRIPTS = "colm/experiments/bash_scripts"
-HELD_IN = ["ToyReverse", "ToySort", "ToyDouble", "ToySwaphalves", "ToyFirstletterclass", "ToyContainsa",
-           "ToyLengthparity", "ToyFirstisvowel"]
-HELD_OUT = ["TOYREVERSELONG", "TOYCONTAINSALONG", "TOYSWAPPARAPHRASE", "TOYPARITYPARAPHRASE", "TOYDOUBLEREVERSE"]
+HELD_IN = list(TOY_NAMES)
+HELD_OUT = [scope_name(task) for task in HELD_OUT_TASKS]
 SUFFIX = "tiny_lora"
 GATE_SUFFIX = "tiny_lora_inpgatetrainnogumbel"
 # Each evaluated method and its folder under exp_out/quickstart/ (holding best.pt and results.txt).
-METHOD_DIRS = {"PHATGOOSE": "phatgoose", "Average Activation": "experts_all", "Arrow": "arrow", "Retrieval": "retrieval", "Merged Experts": "merged",
-               "Multitask": "multitask", "Base model": "base"}
+METHOD_DIRS = {"PHATGOOSE": "phatgoose", "PHATGOOSE, centred (beyond the paper)": "phatgoose_centred",
+               "Average Activation": "experts_all", "Arrow": "arrow", "Retrieval": "retrieval",
+               "Merged Experts": "merged", "Multitask": "multitask", "Base model": "base"}
+# Token-routed methods whose routing the report diagnoses (scripts/analyze_routing.py).
+ROUTED = ("PHATGOOSE", "PHATGOOSE, centred (beyond the paper)", "Average Activation", "Arrow")
 
 
 @dataclass
 class Budget:
-    expert_steps: int = 300
-    gate_steps: int = 60
-    multitask_steps: int = 600
-    eval_examples: int = 200
+    expert_steps: int = 200
+    gate_steps: int = 100
+    multitask_steps: int = 400
+    eval_examples: int = 100
     train_examples: int = 1000
     library_rows: int = 200  # training examples per expert in the retrieval library
     avgact_examples: int = 200  # training examples per expert averaged for Average Activation
+    calibration_examples: int = 50  # training examples per held-in task for the centred routing's mean inputs
     held_in: tuple = tuple(HELD_IN)
     held_out: tuple = tuple(HELD_OUT)
 
     @classmethod
     def fast(cls):
         return cls(expert_steps=30, gate_steps=6, multitask_steps=30, eval_examples=16, train_examples=200, library_rows=50,
-                   avgact_examples=24,
-                   held_in=("ToyReverse", "ToyContainsa"), held_out=("TOYREVERSELONG",))
+                   avgact_examples=24, calibration_examples=8,
+                   held_in=("ToySentiment", "ToyReverse"), held_out=("TOYFILMSENTIMENT",))
 
 
 @dataclass
@@ -92,7 +99,9 @@ class Pipeline:
 
     def train_bindings(self, steps):
         interval = max(steps // 3, 1)
-        return (f"{self.data_bindings()} P/TRAIN/Trainer.gradient_accumulation_factor=1 "
+        # A stage without its marker runs again from the start: a training it had finished is redone (the same
+        # seeds give the same weights), so it may overwrite that run.
+        return (f"{self.data_bindings()} P/TRAIN/Trainer.gradient_accumulation_factor=1 P/TRAIN/Trainer.overwrite=True "
                 f"P/TRAIN/Trainer.num_steps={steps} P/TRAIN/Trainer.validation_step_interval={interval}")
 
     def eval_bindings(self, processors=True):
@@ -143,6 +152,9 @@ class Pipeline:
                        out_path=self.path("arrow"), method_type="top1_eigen_weighted_vector"),
             self.manip("average_outer_product_lora_weights", path=self.path("experts_all"),
                        out_path=self.path("merged")),
+            ["python", "scripts/calibrate_routers.py", "--exp_name", self.path("phatgoose"),
+             "--out_path", self.path("phatgoose_centred"), "--setting", *names,
+             "--num_examples", str(b.calibration_examples), "--gin_bindings", *self.data_bindings().split()],
         ]))
         stages.append(Stage("multitask", [
             ["bash", f"{SCRIPTS}/train_multitask.sh", "-exp_name", self.path("multitask_lora"),
@@ -150,7 +162,7 @@ class Pipeline:
             self.manip("put_index_to_lora", path=self.path("multitask_lora"), out_path=self.path("multitask")),
         ]))
         retriever = ["bash", f"{SCRIPTS}/retriever.sh", "-dataset_setting", _quote_list(names),
-                     "-dataset_length", str(b.library_rows)]
+                     "-dataset_length", str(b.library_rows), "-library_dir", self.path("retrieval_library")]
         stages.append(Stage("retrieval library", [
             retriever + ["-make_expert_library", "True", "-extra_bindings", self.data_bindings()]]))
         stages.append(Stage("retrieval checkpoint", [
@@ -169,6 +181,8 @@ class Pipeline:
         d = {method: self.path(exp) for method, exp in METHOD_DIRS.items()}
         return {
             "PHATGOOSE": self.eval_command(d["PHATGOOSE"]),
+            # the same experts and gates; each router centres its inputs by a mean measured on training examples
+            "PHATGOOSE, centred (beyond the paper)": self.eval_command(d["PHATGOOSE, centred (beyond the paper)"]),
             # experts_all: the experts concatenated with their average-activation router vectors.
             "Average Activation": self.eval_command(d["Average Activation"]),
             "Arrow": self.eval_command(d["Arrow"], 'M/MODEL/Router.score_type="arrow"'),
@@ -200,14 +214,23 @@ class Pipeline:
                     for n in self.held_in]
         first = per_task + [[stages.pop("multitask")], [stages.pop("retrieval library")]]
         second = [[stages.pop("concatenate"), stages.pop("retrieval checkpoint")]]
-        return [first, second, [[stage] for stage in stages.values()]]
+        third = [[stage] for stage in stages.values()]
+        return [first, second, third, [[self.diagnosis_stage()]]]
+
+    def diagnosis_stage(self):
+        """The routing diagnosis (scripts/analyze_routing.py) of every token-routed method."""
+        return Stage("diagnose routing", [
+            ["python", "scripts/analyze_routing.py", os.path.join(self.out, METHOD_DIRS[method], "routing_distribution"),
+             # every method holds the same experts in the same order; only concatenation wrote their names
+             "--experts", os.path.join(self.out, METHOD_DIRS["PHATGOOSE"], "experts.json")]
+            for method in ROUTED])
 
     def run_stage(self, stage, bar, lock):
-        marker = os.path.join(self.out, ".stages", stage.name.replace(" ", "_"))
+        marker = os.path.join(self.out, ".stages", _slug(stage.name))
         if os.path.exists(marker):
             message = f"[quickstart] {stage.name}: done before, skipped"
         else:
-            log = os.path.join(self.out, "logs", stage.name.replace(" ", "_") + ".log")
+            log = os.path.join(self.out, "logs", _slug(stage.name) + ".log")
             started = time.time()
             with open(log, "w") as f:
                 for command in stage.commands:
@@ -219,17 +242,18 @@ class Pipeline:
             open(marker, "w").close()
             message = f"[quickstart] {stage.name}: {time.time() - started:.0f}s"
         with lock:
-            tqdm.write(message)
             bar.update(1)
+            tqdm.write(f"{message} ({bar.n}/{bar.total} stages, {time.time() - self.started:.0f}s in all)")
 
     def run(self, jobs=2):
         os.makedirs(os.path.join(self.out, ".stages"), exist_ok=True)
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
-        started = time.time()
+        started = self.started = time.time()
         waves = self.waves()
         lock = threading.Lock()
-        with tqdm(total=sum(len(chain) for wave in waves for chain in wave), desc="quickstart", unit="stage",
-                  dynamic_ncols=True) as bar:
+        # On a terminal a bar with the stage count and ETA; in a log, one plain line per finished stage.
+        with progress(total=sum(len(chain) for wave in waves for chain in wave), desc="quickstart", unit="stage",
+                      dynamic_ncols=True) as bar:
             for wave in waves:
                 with ThreadPoolExecutor(max_workers=jobs) as pool:
                     chains = [pool.submit(lambda c=chain: [self.run_stage(s, bar, lock) for s in c]) for chain in wave]
@@ -254,46 +278,104 @@ class Pipeline:
         out["Oracle (own expert)"] = oracle
         return out
 
-    def routing_accuracy(self, method_dir="phatgoose"):
-        """{held-in name: mean over encoder linears of the routing mass on the task's own expert}."""
-        accuracy = {}
-        for index, (name, scope) in enumerate(self.held_in.items()):
-            path = os.path.join(self.out, method_dir, "routing_distribution", f"D_{scope}_EVAL.pickle")
-            if not os.path.isfile(path):
-                continue
-            with open(path, "rb") as f:
-                means = pickle.load(f)
-            encoder = [v for m, v in means.items() if isinstance(m, str) and m.startswith("encoder.")]
-            accuracy[name] = float(np.mean([v[index] for v in encoder]))
-        return accuracy
+    def routing_summary(self, method):
+        """Held-in routing figures of a token-routed method from its diagnosis (None before it exists):
+        {side: own-expert mass averaged over the side's modules and held-in tasks, collapsed modules (more than
+        80% of the held-in tasks with the same top expert) / modules, mean common-score fraction}, and the
+        per-task own-expert mass per side."""
+        path = os.path.join(self.out, METHOD_DIRS[method], "routing_distribution", "diagnosis", "routing_diagnosis.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            diagnosis = json.load(f)
+        held_in = {f"D/{scope}/EVAL" for scope in self.held_in.values()}
+        sides, per_task = {}, {}
+        for side in ("encoder", "decoder"):
+            modules = [e for m, e in diagnosis["modules"].items() if m.startswith(side + ".")]
+            own = [[v for d, v in e["own_mass"].items() if d in held_in] for e in modules]
+            collapsed = 0
+            for e in modules:
+                tops = [t for d, t in zip(e["tasks"], e["top_expert"]) if d in held_in]
+                collapsed += len(tops) >= 2 and max(tops.count(t) for t in tops) / len(tops) > 0.8
+            fractions = [e["common_score_fraction"] for e in modules if e["common_score_fraction"] is not None]
+            own = [float(np.mean(v)) for v in own if v]
+            sides[side] = {"own": float(np.mean(own)) if own else None, "collapsed": collapsed,
+                           "modules": len(modules), "common": float(np.mean(fractions)) if fractions else None}
+            for name, scope in self.held_in.items():
+                values = [e["own_mass"][f"D/{scope}/EVAL"] for e in modules if f"D/{scope}/EVAL" in e["own_mass"]]
+                per_task.setdefault(name, {})[side] = float(np.mean(values)) if values else None
+        return {"sides": sides, "per_task": per_task, "chance": diagnosis["chance"]}
+
+    def columns(self):
+        """[(scope stem, task, held-in?, metric, chance)] in table order."""
+        rows = []
+        for scope, held_in in [(s, True) for s in self.held_in.values()] + [(s, False) for s in self.held_out]:
+            task = task_of_scope(scope)
+            rows.append((scope, task, held_in) + task_format(task))
+        return rows
 
     def report(self) -> str:
         scores = self.scores()
-        held_in = [f"D/{s}/EVAL" for s in self.held_in.values()]
-        held_out = [f"D/{s}/EVAL" for s in self.held_out]
-        columns = held_in + held_out
+        columns = self.columns()
+        held_in = [c for c in columns if c[2]]
 
         def avg(values):
             values = [v for v in values if v is not None]
             return f"{np.mean(values):.3f}" if values else "-"
 
+        def row(label, per_scope):
+            cells = [per_scope.get(f"D/{c[0]}/EVAL") for c in columns]
+            ins, outs = cells[: len(held_in)], cells[len(held_in):]
+            return (f"| {label} | {avg(ins)} | {avg(outs)} | "
+                    + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+
         lines = ["# Quickstart: PHATGOOSE and baselines on the toy world", "",
-                 "| method | held-in avg | held-out avg | " + " | ".join(c.split("/")[1] for c in columns) + " |",
+                 f"Scores on {self.budget.eval_examples} validation examples per task (accuracy for classification by rank classification, "
+                 "exact match for generation). Held-in tasks (in) each have an expert of their own; held-out tasks "
+                 "(out) have none. The chance row is what guessing among the answer choices scores.", "",
+                 "| method | held-in avg | held-out avg | "
+                 + " | ".join(f"{task} ({'in' if held else 'out'}, {'acc' if metric == 'accuracy' else 'EM'})"
+                              for _, task, held, metric, _ in columns) + " |",
                  "|---" * (3 + len(columns)) + "|"]
-        for method, per_task in scores.items():
-            cells = [per_task.get(c) for c in columns]
-            lines.append(f"| {method} | {avg(cells[:len(held_in)])} | {avg(cells[len(held_in):])} | "
-                         + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
-        accuracy = self.routing_accuracy()
-        n = len(self.held_in)
-        lines += ["", f"Held-in routing accuracy (PHATGOOSE; mean over encoder linears of the routing mass on the "
-                      f"task's own expert; chance = 1/{n} = {1 / n:.3f}):", "",
-                  "| task | own-expert mass |", "|---|---|"]
-        lines += [f"| {name} | {value:.3f} |" for name, value in accuracy.items()]
+        lines += [row(method, per_task) for method, per_task in scores.items()]
+        lines.append(row("Chance", {f"D/{c[0]}/EVAL": c[4] for c in columns}))
+        oracle = [scores["Oracle (own expert)"].get(f"D/{c[0]}/EVAL") for c in held_in]
+        phatgoose = [scores["PHATGOOSE"].get(f"D/{c[0]}/EVAL") for c in held_in]
+        if None not in oracle + phatgoose and np.mean(oracle) > 0:
+            lines += ["", f"PHATGOOSE reaches {np.mean(phatgoose) / np.mean(oracle):.2f} of Oracle on the held-in tasks."]
+        summaries = {m: self.routing_summary(m) for m in ROUTED}
+        summaries = {m: v for m, v in summaries.items() if v is not None}
+        if summaries:
+            chance = next(iter(summaries.values()))["chance"]
+            lines += ["", f"Held-in routing (scripts/analyze_routing.py; own-expert mass = routing probability on the "
+                          f"task's own expert, averaged over the linears of each stack and the held-in tasks, chance "
+                          f"{chance:.3f}; a linear is collapsed when more than 80% of the held-in tasks share its top "
+                          "expert; common-score fraction = share of the router scores' spread across experts that is "
+                          "the same for every token):", "",
+                      "| method | encoder own-expert mass | decoder own-expert mass | collapsed encoder linears | "
+                      "collapsed decoder linears | common-score fraction, encoder | common-score fraction, decoder |",
+                      "|---|---|---|---|---|---|---|"]
+            for method, summary in summaries.items():
+                enc, dec = summary["sides"]["encoder"], summary["sides"]["decoder"]
+                lines.append(f"| {method} | {_fmt(enc['own'])} | {_fmt(dec['own'])} | {enc['collapsed']}/{enc['modules']} | "
+                             f"{dec['collapsed']}/{dec['modules']} | {_fmt(enc['common'])} | {_fmt(dec['common'])} |")
+            if "PHATGOOSE" in summaries:
+                lines += ["", "PHATGOOSE, own-expert mass per held-in task:", "",
+                          "| task | encoder | decoder |", "|---|---|---|"]
+                lines += [f"| {name} | {_fmt(v['encoder'])} | {_fmt(v['decoder'])} |"
+                          for name, v in summaries["PHATGOOSE"]["per_task"].items()]
         text = "\n".join(lines) + "\n"
         with open(os.path.join(self.out, "results.md"), "w") as f:
             f.write(text)
         return text
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _slug(name):
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 def _last_scores(path):
@@ -315,6 +397,9 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="stages run in parallel (one per core)")
     args = parser.parse_args(argv)
     os.environ.setdefault("MODEL_TYPE", "tiny")
+    set_reproducible_cpu_env()  # every stage's process: AVX2 kernels, one thread (the same table on any machine)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     budget = Budget.fast() if args.fast else Budget()
     Pipeline(budget, args.root or (ROOT + "_fast" if args.fast else ROOT)).run(args.jobs)
 

@@ -3,7 +3,7 @@
     python scripts/insert_averaged_hiddens.py --exp_name datasets_concatenated/P3Socialiqa_t5xl_lora \
         --dataset D/P3SOCIALIQA/TRAIN --index 0 --hiddens_suffix _a2
 
-Reads exp_out/<exp_name>/averaged_hiddens<suffix>/<dataset with / -> _>.pickle and rewrites
+Reads exp_out/<exp_name>/averaged_hiddens<suffix>/<dataset with / -> _>.safetensors and rewrites
 exp_out/<exp_name>/best.pt. Run from the repository root after `source exp_launch/setup_environment_variable.sh`.
 """
 

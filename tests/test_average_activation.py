@@ -2,7 +2,6 @@
 README's launcher sequence on the tiny model."""
 
 import os
-import pickle
 import runpy
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import subprocess_env
+from safetensors.torch import load_file, save_file
 
 from colm import registry
 from colm.checkpoints import keys as K
@@ -77,8 +77,7 @@ def run_processor(model, batch, outputs, save_dir, **kwargs):
     processor = SaveAveragedHiddens(save_dir=str(save_dir), **kwargs)
     processor.batch_process(batch, outputs, model.global_hidden_dict, model)
     processor.dataset_process("D/TOY/TRAIN")
-    with open(save_dir / "D_TOY_TRAIN.pickle", "rb") as f:
-        return pickle.load(f)
+    return {name: vector.numpy() for name, vector in load_file(str(save_dir / "D_TOY_TRAIN.safetensors")).items()}
 
 
 def test_averages_equal_the_means_of_the_inputs_seen_during_generation(tmp_path):
@@ -106,7 +105,8 @@ def test_averages_equal_the_means_of_the_inputs_seen_during_generation(tmp_path)
     last = run_processor(model, batch, outputs, tmp_path / "last", decoder_last_step_only=True)
     for averages in (default, last):
         assert all(v.dtype == np.float32 for v in averages.values())
-        assert len(averages) == 2 * 7 + 2 * 11 + 1  # every linear, and encoder.final_layer_norm
+        layers = model.torch_model.config.num_layers
+        assert len(averages) == layers * 7 + layers * 11 + 1  # every linear, and encoder.final_layer_norm
         torch.testing.assert_close(torch.from_numpy(averages[ENC]), masked_mean(calls[ENC][0]))
         torch.testing.assert_close(torch.from_numpy(averages[CROSS_K]), masked_mean(calls[CROSS_K][0]))
     torch.testing.assert_close(torch.from_numpy(default[DEC_Q]), all_steps_mean())
@@ -144,8 +144,8 @@ def write_case(root, state, averages, exp_name="datasets_concatenated/ToyX_tiny_
     write_checkpoint(state, str(root / "exp_out" / exp_name / "best.pt"))
     directory = root / "exp_out" / exp_name / f"averaged_hiddens{suffix}"
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / (dataset.replace("/", "_") + ".pickle"), "wb") as f:
-        pickle.dump({m: np.asarray(v, dtype=np.float32) for m, v in averages.items()}, f)
+    save_file({m: torch.as_tensor(np.asarray(v, dtype=np.float32)) for m, v in averages.items()},
+              str(directory / (dataset.replace("/", "_") + ".safetensors")))
     return root / "exp_out" / exp_name / "best.pt"
 
 
@@ -186,7 +186,7 @@ def test_insert_writes_router_keys_and_refuses_mismatches(tmp_path, monkeypatch)
         insert_averaged_hiddens("datasets_concatenated/ToyX_tiny_lora", "D/OTHER/TRAIN")
     with pytest.raises(NotImplementedError, match="specific_task"):
         insert_averaged_hiddens("datasets_concatenated/ToyX_tiny_lora", "D/TOYX/TRAIN", component="specific_task")
-    with pytest.raises(FileNotFoundError, match=r"P3C4_lora/averaged_hiddens_a2/D_C4_EVAL\.pickle.*SaveAveragedHiddens"):
+    with pytest.raises(FileNotFoundError, match=r"P3C4_lora/averaged_hiddens_a2/D_C4_EVAL\.safetensors.*SaveAveragedHiddens"):
         insert_averaged_hiddens("datasets_concatenated/ToyX_tiny_lora", "D/TOYX/TRAIN", component="task")
     assert best.read_bytes() == before  # refusals write nothing
 
@@ -245,7 +245,7 @@ def test_launcher_sequence_two_toy_experts(in_tmp_repo, make_model):
 
     lora = make_model([lambda m: modify_with_lora(m, lora_modules=".*SelfAttention|.*EncDecAttention|.*DenseReluDense",
                                                   lora_layers="q|k|v|o|w.*")])
-    names = ["ToyContainsa", "ToyReverse"]
+    names = ["ToySentiment", "ToyReverse"]
     for seed, name in enumerate(names):  # random LoRA experts, in the stage-1 key layout
         generator = torch.Generator().manual_seed(seed)
         state = {k: torch.randn(v.shape, generator=generator) * 0.3
@@ -257,24 +257,24 @@ def test_launcher_sequence_two_toy_experts(in_tmp_repo, make_model):
     commands = reinit_router_commands(get_setting(names), arch="A2", suffix="tiny_lora", compute_hiddens=True,
                                       extra_bindings="main.logging_backend=None D/ToyDataset.num_examples=40")
     launch(in_tmp_repo, commands)
-    setting = '["ToyContainsa", "ToyReverse"]'
+    setting = '["ToySentiment", "ToyReverse"]'
     launch(in_tmp_repo, f"{sys.executable} scripts/concatenate.py --gin_bindings 'run_concatenate.datasets={setting}' "
                         "'run_concatenate.suffix=\"tiny_lora\"' 'run_concatenate.out_path=\"ToyAverageActivation\"'")
     launch(in_tmp_repo, "bash colm/experiments/bash_scripts/eval_multitask.sh -exp_name ToyAverageActivation "
-                        "-extra_bindings 'main.logging_backend=None P/EVALUATE/Evaluator.datasets=[\"D/TOYCONTAINSA/EVAL\", "
-                        "\"D/TOYREVERSE/EVAL\"] D/TOYCONTAINSA/EVAL/ToyDataset.num_examples=32 "
+                        "-extra_bindings 'main.logging_backend=None P/EVALUATE/Evaluator.datasets=[\"D/TOYSENTIMENT/EVAL\", "
+                        "\"D/TOYREVERSE/EVAL\"] D/TOYSENTIMENT/EVAL/ToyDataset.num_examples=32 "
                         "D/TOYREVERSE/EVAL/ToyDataset.num_examples=32'")
 
     out = in_tmp_repo / "exp_out"
     concatenated = read_checkpoint(str(out / "ToyAverageActivation/best.pt"))
     for index, (name, scope) in enumerate(get_setting(names).items()):
         expert_dir = out / f"datasets_concatenated/{name}_tiny_lora"
-        with open(expert_dir / f"averaged_hiddens_a2/D_{scope}_TRAIN.pickle", "rb") as f:
-            averages = pickle.load(f)
+        averages = {m: v.numpy() for m, v in
+                    load_file(str(expert_dir / f"averaged_hiddens_a2/D_{scope}_TRAIN.safetensors")).items()}
         for module in (ENC, CROSS_K, DEC_Q):
             vector = concatenated[K.router_key(module, index)]
             assert torch.equal(vector, torch.from_numpy(averages[module])) and vector.abs().sum() > 0
         assert (expert_dir / "averaged_hiddens_a2/results.txt").is_file()
         assert not (expert_dir / "results.txt").exists()  # the averaging pass leaves the expert's results alone
     results = read_results(str(out / "ToyAverageActivation/results.txt"))[-1][1]
-    assert set(results) >= {"D/TOYCONTAINSA/EVAL", "D/TOYREVERSE/EVAL", "average_score"}
+    assert set(results) >= {"D/TOYSENTIMENT/EVAL", "D/TOYREVERSE/EVAL", "average_score"}

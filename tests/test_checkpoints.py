@@ -91,7 +91,7 @@ def test_key_parsing_round_trips():
 def test_settings_counts_order_and_scopes():
     counts = {name: len(SETTINGS[name]) for name in ("P3", "Flanv2", "Niv2", "Add1", "All", "Full", "P3flanv2", "Toy")}
     assert counts == {"P3": 36, "Flanv2": 36, "Niv2": 75, "Add1": 19, "All": 147, "Full": 166, "P3flanv2": 72,
-                      "Toy": 12}
+                      "Toy": 8}
     full = list(get_setting("Full"))
     assert full[0] == "P3Agnews" and full[35] == "P3Dbpedia14" and full[36] == "Flanv2zsAi2arceasy"
     assert full[72] == "Niv2zsTranslation" and full[146] == "Niv2zsMisc"
@@ -102,14 +102,14 @@ def test_settings_counts_order_and_scopes():
     assert get_setting("Full")["Flanv2zsAi2arceasy"] == "FLANV2AI2ARCEASY/ZS"
     assert get_setting("Full")["Niv2zsTranslation"] == "NIV2TRANSLATION/ZS"
     assert get_setting("Add1")["P3Wscfixed"] == "P3WSCFIXED"
-    assert scope_of("ToyFirstletterclass") == "TOYFIRSTLETTERCLASS"
+    assert scope_of("ToyTopic") == "TOYTOPIC"
     toy_gin = open(os.path.join(REPO_ROOT, "colm/datasets/toy.gin")).read()
     assert all(f"D/{scope}/TRAIN" in toy_gin for scope in get_setting("Toy").values())
 
 
 def test_get_setting_lists_and_errors():
-    chosen = get_setting(["ToySort", "P3Copa", "Niv2zsMisc"])
-    assert list(chosen.items()) == [("ToySort", "TOYSORT"), ("P3Copa", "P3COPA"), ("Niv2zsMisc", "NIV2MISC/ZS")]
+    chosen = get_setting(["ToySummary", "P3Copa", "Niv2zsMisc"])
+    assert list(chosen.items()) == [("ToySummary", "TOYSUMMARY"), ("P3Copa", "P3COPA"), ("Niv2zsMisc", "NIV2MISC/ZS")]
     get_setting("Full")["P3Agnews"] = "changed"  # a copy: the shared table stays intact
     assert get_setting("Full")["P3Agnews"] == "P3AGNEWS"
     with pytest.raises(ValueError, match="P3Agnews"):
@@ -117,7 +117,7 @@ def test_get_setting_lists_and_errors():
     with pytest.raises(ValueError, match="Full"):
         get_setting("Ful")
     with pytest.raises(ValueError, match="more than once"):
-        get_setting(["ToySort", "ToySort"])
+        get_setting(["ToySummary", "ToySummary"])
 
 
 # ------------------------------------------------------------------------------------------------ stage 1b, gates
@@ -148,9 +148,9 @@ def test_put_index_to_lora_transposes_and_keeps_the_update():
 
 def test_use_input_gate_as_router_copies_the_gate(exp_out):
     state = moe_state(gates=True)
-    write(state, exp_out, "datasets_concatenated/ToySort_lora_gate")
-    M.use_input_gate_as_router("datasets_concatenated/ToySort_lora_gate")  # in place
-    out = read(exp_out, "datasets_concatenated/ToySort_lora_gate")
+    write(state, exp_out, "datasets_concatenated/ToySummary_lora_gate")
+    M.use_input_gate_as_router("datasets_concatenated/ToySummary_lora_gate")  # in place
+    out = read(exp_out, "datasets_concatenated/ToySummary_lora_gate")
     for m in DIMS:
         assert torch.equal(out[K.router_key(m, 0)], state[K.gate_key(m)])
         assert not torch.equal(out[K.router_key(m, 0)], state[K.router_key(m, 0)])
@@ -184,7 +184,7 @@ def test_delete_expert_input_gate_in_place(exp_out):
 
 # ------------------------------------------------------------------------------------------------ concatenation
 
-NAMES = ["ToySort", "ToyReverse", "ToyDedup"]  # deliberately not alphabetical
+NAMES = ["ToySummary", "ToyReverse", "ToyInstrument"]  # deliberately not alphabetical
 
 
 def write_experts(exp_out, names=NAMES, suffix="lora_gate"):
@@ -248,7 +248,7 @@ def test_run_concatenate_refuses_bad_input_and_keeps_the_old_output(exp_out, cor
     with pytest.raises(ValueError, match=message):
         C.run_concatenate(datasets=NAMES, suffix="lora_gate", out_path="ToyComplete")
     assert (exp_out / "ToyComplete/best.pt").read_bytes() == before
-    assert [p.name for p in (exp_out / "ToyComplete").iterdir()] == ["best.pt"]  # no temporary file left
+    assert sorted(p.name for p in (exp_out / "ToyComplete").iterdir()) == ["best.pt", "experts.json"]  # no temporary file
 
 
 def test_run_concatenate_reports_every_missing_input(exp_out):
@@ -256,7 +256,7 @@ def test_run_concatenate_reports_every_missing_input(exp_out):
     with pytest.raises(FileNotFoundError) as error:
         C.run_concatenate(datasets=NAMES, suffix="lora_gate", out_path="ToyComplete")
     assert "2 of 3" in str(error.value)
-    assert "ToySort_lora_gate" in str(error.value) and "ToyDedup_lora_gate" in str(error.value)
+    assert "ToySummary_lora_gate" in str(error.value) and "ToyInstrument_lora_gate" in str(error.value)
     assert not (exp_out / "ToyComplete").exists()
 
 
@@ -264,11 +264,11 @@ def test_run_concatenate_print_commands():
     text = C.run_concatenate(arch="A1", datasets="Toy", print_commands=True, suffix="t5xl_lora", compute_hiddens=True,
                              extra_bindings='M/MODEL/ENCODER/ExposeHidden.reduction_method="masked_mean"')
     commands = text.split("; ")
-    assert len(commands) == 12
+    assert len(commands) == 8
     assert commands[1] == (
         "bash colm/experiments/bash_scripts/reinit_router_embedding.sh "
-        "-exp_name datasets_concatenated/ToySort_t5xl_lora "
-        "-dataset TOYSORT -arch A1 -compute_hiddens True -hiddens_suffix _a2 "
+        "-exp_name datasets_concatenated/ToyTopic_t5xl_lora "
+        "-dataset TOYTOPIC -arch A1 -compute_hiddens True -hiddens_suffix _a2 "
         "-extra_bindings 'M/MODEL/ENCODER/ExposeHidden.reduction_method=\"masked_mean\"'"
     )
     with pytest.raises(ValueError, match="True or False"):
@@ -429,11 +429,11 @@ def test_block_routers_and_skipping():
 
 
 def test_make_checkpoint_for_retrieval_layout(exp_out):
-    names = ["ToySort", "Flanv2zsBoolq"]
+    names = ["ToySummary", "Flanv2zsBoolq"]
     write(moe_state(n_experts=2), exp_out, "ToyComplete")
     libraries = [np.random.rand(3, 4).astype(np.float32), np.random.rand(5, 4).astype(np.float32)]
     os.makedirs(exp_out / "library")
-    np.save(exp_out / "library/D_TOYSORT_TRAIN_K5_embeddings.npy", libraries[0])
+    np.save(exp_out / "library/D_TOYSUMMARY_TRAIN_K5_embeddings.npy", libraries[0])
     with pytest.raises(FileNotFoundError) as error:
         M.make_checkpoint_for_retrieval("ToyComplete", "library", "ToyRetrieval", 5, names)
     assert "D_FLANV2BOOLQ_ZS_TRAIN_K5_embeddings.npy" in str(error.value)
@@ -474,21 +474,21 @@ def test_gin_names_are_unambiguous():
 def test_scripts_run_end_to_end(in_tmp_repo):
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
     exp_out = in_tmp_repo / "exp_out"
-    for seed, name in enumerate(["ToyReverse", "ToySort"]):
+    for seed, name in enumerate(["ToyReverse", "ToySummary"]):
         write(lora_state(seed), exp_out, f"{name}_lora")
     commands = [
         [sys.executable, "scripts/manipulations.py", "--gin_bindings", "func_caller.func=@put_index_to_lora",
          'put_index_to_lora.path="ToyReverse_lora"',
          'put_index_to_lora.out_path="datasets_concatenated/ToyReverse_lora"'],
         [sys.executable, "scripts/concatenate.py", "--gin_bindings",
-         'run_concatenate.datasets=["ToyReverse", "ToySort"]', 'run_concatenate.suffix="lora"',
+         'run_concatenate.datasets=["ToyReverse", "ToySummary"]', 'run_concatenate.suffix="lora"',
          'run_concatenate.out_path="ToyComplete"'],
     ]
     done = subprocess.run(commands[0], cwd=in_tmp_repo, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     converted = read(exp_out, "datasets_concatenated/ToyReverse_lora")
     assert K.expert_indices(converted) == [0] and len(K.expert_modules(converted)) == len(DIMS)
-    write(M.put_index_to_lora_state(lora_state(1)), exp_out, "datasets_concatenated/ToySort_lora")
+    write(M.put_index_to_lora_state(lora_state(1)), exp_out, "datasets_concatenated/ToySummary_lora")
     done = subprocess.run(commands[1], cwd=in_tmp_repo, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = read(exp_out, "ToyComplete")

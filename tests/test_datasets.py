@@ -20,6 +20,14 @@ def tok():
     return ByT5Tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tiny_tok():
+    """The embedded T5's own tokenizer (colm/models/tiny/toy_t5)."""
+    from colm.models.hf_loading import hf_tokenizer
+
+    return hf_tokenizer("colm/models/tiny/toy_t5")
+
+
 @pytest.fixture(autouse=True)
 def clear_gin_config():
     gin.clear_config()
@@ -309,35 +317,36 @@ def test_resolve_local_source(tmp_path, monkeypatch):
 # ---- the toy world ------------------------------------------------------------------
 
 
-def test_skills_on_hand_examples():
-    cases = {
-        "reverse": ("abcd", "dcba"),
-        "sort": ("dcab", "abcd"),
-        "first_letter": ("hello", "h"),
-        "last_letter": ("hello", "o"),
-        "double": ("abc", "aabbcc"),
-        "shift": ("xyz", "yza"),
-        "dedup": ("banana", "ban"),
-        "swap_halves": ("abcde", "cdeab"),
-        "first_is_vowel": ("apple", "yes"),
-        "length_parity": ("abc", "odd"),
-        "contains_a": ("bcd", "no"),
-        "first_letter_class": ("cat", "c"),
-        "reverse+shift": ("abz", "acb"),
-    }
-    for task, (payload, target) in cases.items():
-        assert toy.parse_task(task)[0](payload) == target, task
-    assert toy.swap_halves("abcd") == "cdab" and toy.first_is_vowel("pear") == "no"
-    assert toy.length_parity("abcd") == "even" and toy.contains_a("bad") == "yes"
-    assert set(cases) - {"reverse+shift"} == set(toy.SKILLS)
-    assert toy.parse_task("reverse+shift")[1] == "reverse then shift"
-
-
-def test_parse_task_errors():
-    with pytest.raises(ValueError, match="'nope'.*reverse"):
-        toy.parse_task("reverse+nope")
-    with pytest.raises(ValueError, match="only come last"):
-        toy.parse_task("contains_a+reverse")
+def test_toy_tasks_on_their_own_rules():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        text, target, choices = toy.TASKS["reverse"](rng)
+        assert target.split(" , ") == text.split(" : ")[1].split(" , ")[::-1]
+        text, target, _ = toy.TASKS["qa"](rng)
+        animal = text.split("where does the ")[1].split(" live")[0]
+        assert f"the {animal} lives in the {target} ." in text
+        text, target, _ = toy.TASKS["summary"](rng)
+        worker, verb, machine = target.split()
+        assert f"{worker} {verb} the" in text and text.rstrip(" .").split(" in the ")[0].endswith(machine)
+        text, target, choices = toy.TASKS["diagnosis"](rng)
+        assert all(w in toy.SYMPTOMS[target] for w in text.split() if w in sum(toy.SYMPTOMS.values(), []))
+        text, target, choices = toy.TASKS["sentiment"](rng)
+        polar = toy.POSITIVE if target == "positive" else toy.NEGATIVE
+        assert all(w in polar for w in text.split() if w in toy.POSITIVE + toy.NEGATIVE)
+        text, target, choices = toy.TASKS["count"](rng)
+        assert choices.index(target) + 1 == len(text.split(" ? ")[1].split(" , "))
+        text, target, choices = toy.TASKS["ruling"](rng)
+        verbs = [w for w in text.split() if w in sum(toy.RULING_VERBS.values(), [])]
+        assert len(verbs) == 1 and verbs[0] in toy.RULING_VERBS[target] and choices == list(toy.LABELS_RULING)
+    # every held-in task has a domain of its own: no content word of one task's inputs is in another's
+    vocab = {task: {w for e in toy.generate_examples(task, "train", 300) for w in e["input_str"].split()}
+             for task in toy.HELD_IN_TASKS}
+    shared = (set(toy.FUNCTION_WORDS) | set(toy.POSITIVE) | set(toy.NEGATIVE) | {":", "?", ".", ",", "the", "a"}
+              | {w for phrase in toy.WHEN for w in phrase.split()})
+    for a in toy.HELD_IN_TASKS:
+        for b in toy.HELD_IN_TASKS:
+            if a < b:
+                assert len((vocab[a] & vocab[b]) - shared) <= 3, (a, b, (vocab[a] & vocab[b]) - shared)
 
 
 def make_toy(task, split, **kwargs):
@@ -349,47 +358,37 @@ def test_toy_determinism_and_consistency():
     b = make_toy("reverse", "train", num_examples=300)
     c = make_toy("reverse", "train", num_examples=300, seed=7)
     assert a.examples == b.examples and a.examples != c.examples
-    payloads = [e["payload"] for e in a.examples]
-    assert len(set(payloads)) == 300
-    for e in a.examples:
-        assert 4 <= len(e["payload"]) <= 8 and set(e["payload"]) <= set("abcdefghijklmnopqrstuvwxyz")
-        assert e["input_str"] == f"reverse {e['payload']}" and e["target_str"] == e["payload"][::-1]
-    assert a.metrics == ["exact_match"]
-    held_out = make_toy("reverse", "train", num_examples=5, instruction="mirror")
-    assert held_out.examples[0]["input_str"] == "mirror " + a.examples[0]["payload"]
+    assert len({e["input_str"] for e in a.examples}) == 300
+    assert a.metrics == ["exact_match"] and make_toy("topic", "train", num_examples=5).metrics == ["accuracy"]
 
 
 def test_toy_train_validation_disjoint():
-    for task in ("reverse", "length_parity"):
+    for task in toy.TASKS:
         train = make_toy(task, "train", num_examples=1000)
         valid = make_toy(task, "validation", num_examples=200)
         train_inputs = {e["input_str"] for e in train.examples}
         valid_inputs = {e["input_str"] for e in valid.examples}
-        assert len(valid_inputs) == 200 and not train_inputs & valid_inputs
-    # A small payload space (676 two-letter strings), where random streams would collide.
-    train = make_toy("sort", "train", num_examples=400, min_len=2, max_len=2)
-    valid = make_toy("sort", "validation", num_examples=100, min_len=2, max_len=2)
-    assert not {e["payload"] for e in train.examples} & {e["payload"] for e in valid.examples}
+        assert len(valid_inputs) == 200 and not train_inputs & valid_inputs, task
 
 
-def test_toy_classification_balanced_with_labels(tok):
-    d = make_toy("first_letter_class", "train", num_examples=500)
+def test_toy_classification_labels(tok):
+    d = make_toy("topic", "train", num_examples=500)
     counts = collections.Counter(e["target_str"] for e in d.examples)
-    assert set(counts) == {"a", "b", "c", "d", "e"} and min(counts.values()) > 70
-    assert all(e["payload"][0] in "abcde" for e in d.examples)
+    assert set(counts) == set(toy.NEWS_SECTIONS) and min(counts.values()) > 80
     d.set_tokenizer(tok)
     item = d[0]
     assert item["answer_choices"][item["label"]] == item["target_str"]
-    assert d.metrics == ["accuracy"]
-    vowel = make_toy("first_is_vowel", "train", num_examples=400)
-    assert 150 < sum(e["target_str"] == "yes" for e in vowel.examples) < 250
+    diagnosis = make_toy("diagnosis", "train", num_examples=400)
+    assert 150 < sum(e["target_str"] == "injury" for e in diagnosis.examples) < 250
 
 
 def test_toy_errors():
     with pytest.raises(ValueError, match="'test'"):
         make_toy("reverse", "test")
-    with pytest.raises(ValueError, match="distinct payloads"):
-        make_toy("reverse", "validation", num_examples=50, min_len=1, max_len=1)
+    with pytest.raises(ValueError, match="'nope'.*known"):
+        make_toy("nope", "train")
+    with pytest.raises(ValueError, match="fewer than"):
+        make_toy("count", "validation", num_examples=100000)
 
 
 SCOPE_LINE = re.compile(r"^(D/TOY\w+/(?:TRAIN|EVAL))/build\.cls = @(\w+)\s*$", re.M)
@@ -408,12 +407,13 @@ def parse_toy_gin():
     return scopes, build_known
 
 
-def test_every_toy_gin_scope_builds(tok):
+def test_every_toy_gin_scope_builds(tiny_tok):
+    tok = tiny_tok
     scopes, build_known = parse_toy_gin()
     names = [s for s, _ in scopes]
     assert len(names) == len(set(names))
-    for task in toy.SKILLS:
-        for split in ("TRAIN", "EVAL"):
+    for task in toy.TASKS:
+        for split in ("TRAIN", "EVAL") if task in toy.HELD_IN_TASKS else ("EVAL",):
             assert f"D/{toy.scope_name(task)}/{split}" in names
     for scope, cls_name in scopes:
         assert cls_name == "ToyDataset"
@@ -424,8 +424,8 @@ def test_every_toy_gin_scope_builds(tok):
         d.set_tokenizer(tok)
         item = d[len(d) - 1]
         assert item["dataset_name"] == scope and item["input_ids"][-1] == 1
-        assert d.batch_size == 32 and d.max_length == 64
-        mc = toy.parse_task(d.task)[2] is not None
+        assert d.batch_size == 32 and d.max_length == 96
+        mc = bool(d.examples[0]["answer_choices"])
         if scope.endswith("TRAIN"):
             assert (d.split, d.interface_info.interface, len(d)) == ("train", "lm", 1000)
         else:

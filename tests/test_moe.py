@@ -73,8 +73,8 @@ def test_original_key_layout_loads_creates_experts_and_routes(tmp_path):
     m = "encoder.block.0.layer.0.SelfAttention.q"
     assert {f"{m}._addons.expert_lora.layer1__2", f"{m}._addons.expert_lora.layer2__2",
             f"{m}._addons.router.expert_embeddings__2"} <= state.keys()
-    assert state[f"{m}._addons.expert_lora.layer1__0"].shape == (64, 16)
-    assert state[f"{m}._addons.router.expert_embeddings__0"].shape == (64,)
+    assert state[f"{m}._addons.expert_lora.layer1__0"].shape == (128, 16)
+    assert state[f"{m}._addons.router.expert_embeddings__0"].shape == (128,)
     path = tmp_path / "best.pt"
     torch.save(state, path)
 
@@ -142,3 +142,111 @@ def test_put_index_to_lora_checkpoint_equals_the_loralinear_model(make_model):
         base = make_model().torch_model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
     assert (expected - base).abs().max() > 1e-2  # the LoRA does change the outputs
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# ----- centring: input means in the checkpoint ------------------------------------------------------------------
+
+CENTRED_MODULES = ["encoder.block.1.layer.1.DenseReluDense.wo", "decoder.block.0.layer.0.SelfAttention.q",
+                   "decoder.block.1.layer.1.EncDecAttention.k"]
+
+
+def set_random_input_means(model, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    means = {}
+    for name, router in model.addons["router"].items():
+        means[name] = torch.randn(router.d_router, generator=generator) * 2
+        router.set_input_mean(means[name])
+    return means
+
+
+@pytest.mark.parametrize("name", CENTRED_MODULES)
+def test_centred_routed_output_equals_dense_reference(name):
+    model = build_model()
+    means = set_random_input_means(model)
+    seen = capture(model, [name])
+    ids = torch.randint(3, 250, (3, 11))
+    with torch.no_grad():
+        model.torch_model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :5])
+    x, y = seen[name]
+    host = model.module(name)
+    experts, router = host._addons["expert_lora"], host._addons["router"]
+    args = (x, router.expert_embeddings, experts.layer1, experts.layer2)
+    expected = x @ host.weight.T + routing.dense_reference(*args, k=2, normalize_topk=True, scale=1 / 16,
+                                                           input_mean=means[name])
+    uncentred = x @ host.weight.T + routing.dense_reference(*args, k=2, normalize_topk=True, scale=1 / 16)
+    assert (expected - uncentred).abs().max() > 1e-3  # centring changes this layer's routing
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_router_exposes_its_scores():
+    model = build_model()
+    ids = torch.randint(3, 250, (2, 9))
+    with torch.no_grad():
+        model.torch_model(input_ids=ids, decoder_input_ids=ids[:, :4])
+    shared = model.global_hidden_dict
+    for name, router in model.addons["router"].items():
+        scores = shared[("router_scores", "router", name)]
+        torch.testing.assert_close(shared[router.write_key], torch.softmax(scores, dim=-1))
+        assert scores.std(dim=-1).mean() > 1e-3
+
+
+def test_checkpoint_with_input_means_round_trips_and_centres(tmp_path):
+    from colm.moma.weights import load_weights
+
+    donor = build_model(n_experts=3, seed=1)
+    plain_state = {k: v.clone() for k, v in donor.torch_model.state_dict().items() if "_addons" in k}
+    assert not any("input_mean" in k for k in plain_state)  # no means: the original key layout, unchanged
+    means = set_random_input_means(donor)
+    state = {k: v.clone() for k, v in donor.torch_model.state_dict().items() if "_addons" in k}
+    m = "decoder.block.0.layer.2.DenseReluDense.wo"
+    assert torch.equal(state[f"{m}._addons.router.input_mean"], means[m])
+    torch.save(state, tmp_path / "centred.pt")
+    torch.save(plain_state, tmp_path / "plain.pt")
+    ids = torch.randint(3, 250, (2, 7))
+
+    def logits(model):
+        with torch.no_grad():
+            return model.torch_model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+
+    expected = logits(donor)
+    outputs = {}
+    for file, bindings in [("centred.pt", []), ("plain.pt", []), ("centred.pt", ["M/MODEL/Router.center_inputs=False"])]:
+        gin.clear_config()
+        registry.reset()
+        model = build_model(bindings=NO_LOAD + bindings, n_experts=0)
+        load_weights(model, weight_path=str(tmp_path / file))
+        outputs[(file, tuple(bindings))] = logits(model)
+        if file == "centred.pt":
+            router = model.get_addon(m, "router")
+            assert torch.equal(router.input_mean, means[m])
+            resaved = model.torch_model.state_dict()
+            assert all(torch.equal(resaved[k], v) for k, v in state.items())
+    torch.testing.assert_close(outputs[("centred.pt", ())], expected)
+    # center_inputs=False ignores the stored means: the same outputs as the checkpoint without them.
+    torch.testing.assert_close(outputs[("centred.pt", ("M/MODEL/Router.center_inputs=False",))],
+                               outputs[("plain.pt", ())])
+    assert (outputs[("centred.pt", ())] - outputs[("plain.pt", ())]).abs().max() > 1e-4
+
+
+def test_center_inputs_true_without_means_and_bad_means():
+    model = build_model(bindings=NO_LOAD + ["M/MODEL/Router.center_inputs=True"])
+    ids = torch.randint(3, 250, (2, 5))
+    with pytest.raises(RuntimeError, match="no .*input_mean.*calibrate_routers"):
+        with torch.no_grad():
+            model.torch_model(input_ids=ids, decoder_input_ids=ids[:, :2])
+    gin.clear_config()
+    registry.reset()
+    with pytest.raises(ValueError, match="center_inputs"):
+        build_model(bindings=NO_LOAD + ["M/MODEL/Router.center_inputs='yes'"])
+    gin.clear_config()
+    registry.reset()
+    from colm.moma.weights import load_state_into
+
+    donor_state = {k: v for k, v in build_model(n_experts=2).torch_model.state_dict().items() if "_addons" in k}
+    gin.clear_config()
+    registry.reset()
+    model = build_model(n_experts=0)
+    m = "encoder.block.0.layer.0.SelfAttention.q"
+    donor_state[f"{m}._addons.router.input_mean"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="input_mean has shape"):
+        load_state_into(model, donor_state, "bad means")

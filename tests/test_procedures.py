@@ -13,8 +13,8 @@ from colm.procedures.optim import schedule_factor
 
 TRAIN_GINS = ["colm/datasets/toy.gin", "colm/models/tiny/t5.gin", "colm/models/moe_lora_rank16.gin",
               "colm/experiments/train_single_task_loralinear.gin"]
-TOY = ['P/TRAIN/Trainer.datasets="D/TOYCONTAINSA/TRAIN"', 'P/EVALUATE/Evaluator.datasets="D/TOYCONTAINSA/EVAL"',
-       "D/TOYCONTAINSA/EVAL/ToyDataset.num_examples=32", "P/TRAIN/Trainer.gradient_accumulation_factor=1"]
+TOY = ['P/TRAIN/Trainer.datasets="D/TOYSENTIMENT/TRAIN"', 'P/EVALUATE/Evaluator.datasets="D/TOYSENTIMENT/EVAL"',
+       "D/TOYSENTIMENT/EVAL/ToyDataset.num_examples=32", "P/TRAIN/Trainer.gradient_accumulation_factor=1"]
 
 
 def test_schedules():

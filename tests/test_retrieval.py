@@ -2,7 +2,6 @@
 the model, and the three launcher modes on the tiny model."""
 
 import os
-import pickle
 import subprocess
 
 import numpy as np
@@ -21,13 +20,14 @@ from colm.models.module_names import match_modules
 from colm.moma.embedder import embed_texts
 from colm.moma.feature_extractor import FeatureExtractor, batch_texts, parse_bool
 from colm.moma.weights import read_checkpoint, write_checkpoint
+from colm.procedures.analysis import load_routing_distribution
 from colm.procedures.results import read_results
 from colm.procedures.retriever import Retriever, library_indices, train_scope
 
 TINY_T5 = "colm/models/tiny/toy_t5"
 SCRIPT = "colm/experiments/bash_scripts/retriever.sh"
-TOY3 = '["ToyContainsa", "ToyReverse", "ToyLengthparity"]'
-TOY3_EVAL = ["D/TOYCONTAINSA/EVAL", "D/TOYREVERSE/EVAL", "D/TOYLENGTHPARITY/EVAL"]
+TOY3 = '["ToySentiment", "ToyReverse", "ToyDiagnosis"]'
+TOY3_EVAL = ["D/TOYSENTIMENT/EVAL", "D/TOYREVERSE/EVAL", "D/TOYDIAGNOSIS/EVAL"]
 
 
 def expert_state(n_experts, seed=0):
@@ -97,7 +97,7 @@ def test_retrieval_router_picks_the_expert_holding_a_near_duplicate(tmp_path):
     model = registry.get_object("M/MODEL")
     router = model.addons["router"]["encoder"]
     experts = model.addons["expert_lora"]
-    assert len(experts) == 36 and any(name.startswith("decoder") for name in experts)
+    assert len(experts) == 72 and any(name.startswith("decoder") for name in experts)
     assert all(e.link is router.link and e.read_key == router.write_key for e in experts.values())
 
     queries = ["Jupiter has many dozens of moons.", "The tennis match went to five sets.",
@@ -115,28 +115,28 @@ def test_retrieval_router_picks_the_expert_holding_a_near_duplicate(tmp_path):
 
 def test_libraries_on_disk_and_the_diagnostic(in_tmp_repo):
     parse_gin(["colm/datasets/toy.gin", "colm/experiments/retriever.gin"],
-              ['P/RETRIEVE/Retriever.datasets=["D/TOYCONTAINSA/TRAIN", "D/TOYREVERSE/TRAIN"]',
+              ['P/RETRIEVE/Retriever.datasets=["D/TOYSENTIMENT/TRAIN", "D/TOYREVERSE/TRAIN"]',
                "P/RETRIEVE/Retriever.dataset_length=25", 'P/RETRIEVE/Retriever.expert_library_dir="exp_out/lib"'])
     (retriever,) = main()
     written = retriever.run_in_scope()  # run again: same files, written atomically over the old ones
-    containsa = registry.get_object("D/TOYCONTAINSA/TRAIN")
-    path = retrieval_library_file("lib", "TOYCONTAINSA", 25)
-    assert written == {"D/TOYCONTAINSA/TRAIN": path, "D/TOYREVERSE/TRAIN": retrieval_library_file("lib", "TOYREVERSE", 25)}
-    assert sorted(os.listdir("exp_out/lib")) == ["D_TOYCONTAINSA_TRAIN_K25_embeddings.npy",
-                                                 "D_TOYREVERSE_TRAIN_K25_embeddings.npy"]
+    sentiment = registry.get_object("D/TOYSENTIMENT/TRAIN")
+    path = retrieval_library_file("lib", "TOYSENTIMENT", 25)
+    assert written == {"D/TOYSENTIMENT/TRAIN": path, "D/TOYREVERSE/TRAIN": retrieval_library_file("lib", "TOYREVERSE", 25)}
+    assert sorted(os.listdir("exp_out/lib")) == ["D_TOYREVERSE_TRAIN_K25_embeddings.npy",
+                                                 "D_TOYSENTIMENT_TRAIN_K25_embeddings.npy"]
     matrix = np.load(path)
     assert matrix.shape == (25, 384) and matrix.dtype == np.float32
-    indices = library_indices(len(containsa), 25, seed=42)
-    assert len(containsa) == 1000 and indices == sorted(set(indices)) and indices != list(range(25))
-    first = containsa.get_example(indices[0])
-    text = f"Answer Choices: no, yes, Instance: {first['input_str']}"
+    indices = library_indices(len(sentiment), 25, seed=42)
+    assert len(sentiment) == 1000 and indices == sorted(set(indices)) and indices != list(range(25))
+    first = sentiment.get_example(indices[0])
+    text = f"Answer Choices: negative, positive, Instance: {first['input_str']}"
     torch.testing.assert_close(torch.from_numpy(matrix[0]), embed_texts([text])[0], atol=1e-5, rtol=1e-4)
 
-    eval_sets = [registry.get_object(name) for name in ("D/TOYCONTAINSA/EVAL", "D/TOYREVERSE/EVAL")]
+    eval_sets = [registry.get_object(name) for name in ("D/TOYSENTIMENT/EVAL", "D/TOYREVERSE/EVAL")]
     diagnostic = Retriever("P/RETRIEVE/DIAGNOSE", datasets=eval_sets, include_answer_choices="True",
                            make_expert_library="False", expert_library_dir="exp_out/lib", dataset_length=20)
     votes = diagnostic.run()
-    assert votes["D/TOYCONTAINSA/EVAL"]["library"] == "D_TOYCONTAINSA_TRAIN"
+    assert votes["D/TOYSENTIMENT/EVAL"]["library"] == "D_TOYSENTIMENT_TRAIN"
     assert votes["D/TOYREVERSE/EVAL"]["library"] == "D_TOYREVERSE_TRAIN"
     with pytest.raises(ValueError, match="D/<scope>/TRAIN"):
         train_scope("D/TOYREVERSE/EVAL")
@@ -157,7 +157,7 @@ def test_launcher_library_checkpoint_and_evaluation(in_tmp_repo):
     launch(in_tmp_repo, "-make_expert_library", "True", *common)
     library = in_tmp_repo / "exp_out/elm_40_ans_minlm"
     assert sorted(os.listdir(library)) == [f"D_{s}_TRAIN_K40_embeddings.npy"
-                                           for s in ("TOYCONTAINSA", "TOYLENGTHPARITY", "TOYREVERSE")]
+                                           for s in ("TOYDIAGNOSIS", "TOYREVERSE", "TOYSENTIMENT")]
 
     out = "ToyCompleteansretrieval_tiny_lora_concatenated"
     launch(in_tmp_repo, "-create_checkpoint", "True", *common, "-old_exp_name", "ToyA2_tiny_lora_concatenated",
@@ -173,6 +173,6 @@ def test_launcher_library_checkpoint_and_evaluation(in_tmp_repo):
     results = read_results(str(in_tmp_repo / "exp_out" / out / "results.txt"))[-1][1]
     assert set(results) >= set(TOY3_EVAL) | {"average_score"}
     for expert, scope in enumerate(TOY3_EVAL):
-        with open(in_tmp_repo / "exp_out" / out / "routing_distribution" / f"{scope.replace('/', '_')}.pickle", "rb") as f:
-            routing = pickle.load(f)["encoder"]
+        path = in_tmp_repo / "exp_out" / out / "routing_distribution" / f"{scope.replace('/', '_')}.safetensors"
+        routing = load_routing_distribution(str(path))["modules"]["encoder"]["mean_probs"]
         assert routing.argmax() == expert and routing[expert] > 0.9, (scope, routing)

@@ -287,3 +287,97 @@ def test_many_chunks_with_skewed_routing(grad_mode):
     x, layer1, layer2, weights = as_leaves((x, layer1, layer2, weights), grad_mode)
     got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.5)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+# ----- centring (beyond the paper): the scores see x - mu, the experts still see x ------------------------------
+
+
+def shared_direction_inputs(n_tokens=200, n_experts=6, seed=5):
+    """Decoder-like tokens: a large common component plus small token-specific parts."""
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(D_IN, generator=gen) * 20
+    x = common + torch.randn(n_tokens, D_IN, generator=gen)
+    g = torch.randn(n_experts, D_IN, generator=gen)
+    return x, g
+
+
+def test_centred_scores_match_direct_computation():
+    x = torch.randn(4, 7, D_IN) * 3 + 1
+    g = torch.randn(5, D_IN)
+    mu = torch.randn(D_IN) * 2
+    prepared = routing.prepare_router_vectors(g)
+    direct = F.layer_norm(x - mu, (D_IN,), eps=1e-5) @ F.layer_norm(g, (D_IN,), eps=1e-5).T / math.sqrt(D_IN)
+    got = routing.router_scores(x, prepared, input_mean=mu)
+    torch.testing.assert_close(got, direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(routing.router_probs(x, prepared, input_mean=mu), torch.softmax(direct, -1),
+                               atol=1e-6, rtol=1e-5)
+    uncentred = routing.router_scores(x, prepared)
+    assert (uncentred - got).abs().max() > 1e-2  # the mean does change the scores
+    # No mean: exactly the uncentred computation.
+    assert torch.equal(routing.router_scores(x, prepared, input_mean=None), uncentred)
+    # Other score types centre the same way.
+    direct_dot = (x - mu) @ g.T
+    torch.testing.assert_close(routing.router_scores(x, g, "dot", scaling_scores=False, input_mean=mu), direct_dot,
+                               atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_centred_routed_matches_dense_reference(grad_mode, lora_path):
+    x, g, layer1, layer2 = make_inputs(7, seed=11)
+    mu = torch.randn(D_IN) + x.mean(dim=(0, 1))
+    with torch.no_grad():
+        expected = routing.dense_reference(x, g, layer1, layer2, 2, True, 1.0 / RANK, input_mean=mu)
+        uncentred = routing.dense_reference(x, g, layer1, layer2, 2, True, 1.0 / RANK)
+    assert (expected - uncentred).abs().max() > 1e-3
+    leaves = as_leaves((x, g, layer1, layer2), grad_mode)
+    got = routed(*leaves, 2, True, input_mean=mu)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_reference_centres_scores_only():
+    """The reference itself, against an explicit loop: gates from x - mu, expert products on x."""
+    x, g, layer1, layer2 = make_inputs(4, lead=(6,), seed=2)
+    mu = torch.randn(D_IN)
+    probs = torch.softmax(F.layer_norm(x - mu, (D_IN,)) @ F.layer_norm(g, (D_IN,)).T / math.sqrt(D_IN), dim=-1)
+    expected = torch.zeros(6, D_OUT)
+    for t in range(6):
+        kept, chosen = probs[t].topk(2)
+        kept = kept / (kept.sum() + 1e-6)
+        for p, e in zip(kept, chosen):
+            expected[t] += p * (x[t] @ layer1[e] @ layer2[e]) * 0.5
+    got = routing.dense_reference(x, g, layer1, layer2, 2, True, 0.5, input_mean=mu)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_centred_scores_from_fused_gemm():
+    x, g, layer1, layer2 = make_inputs(5)
+    mu = torch.randn(D_IN)
+    weight, bias = torch.randn(D_OUT, D_IN), torch.randn(D_OUT)
+    prepared = routing.prepare_router_vectors(g)
+    fused = routing.fuse_linear_and_router(weight, prepared)
+    with torch.no_grad():
+        base, raw = routing.linear_and_router_scores(x, weight, prepared, bias=bias, fused_weight=fused)
+        torch.testing.assert_close(routing.router_scores(x, prepared, raw_scores=raw, input_mean=mu),
+                                   routing.router_scores(x, prepared, input_mean=mu), atol=1e-5, rtol=1e-5)
+        got, _ = routing.route_and_apply(x, prepared, layer1, layer2, 2, True, 0.25, raw_scores=raw, out=base,
+                                         input_mean=mu)
+    expected = F.linear(x, weight, bias) + routing.dense_reference(x, g, layer1, layer2, 2, True, 0.25, input_mean=mu)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_centring_removes_the_score_common_to_all_tokens():
+    """Tokens sharing one direction all pick the same expert; centred on their mean, they spread out."""
+    x, g = shared_direction_inputs()
+    prepared = routing.prepare_router_vectors(g)
+    top_plain = routing.router_probs(x, prepared).argmax(dim=-1)
+    top_centred = routing.router_probs(x, prepared, input_mean=x.mean(dim=0)).argmax(dim=-1)
+    plain_share = torch.bincount(top_plain, minlength=6).max().item() / len(x)
+    centred_share = torch.bincount(top_centred, minlength=6).max().item() / len(x)
+    assert plain_share > 0.95
+    assert centred_share < 0.5
+
+
+def test_bad_input_mean_shape():
+    x, g, _, _ = make_inputs(3)
+    with pytest.raises(ValueError, match="input_mean must have shape"):
+        routing.router_scores(x, routing.prepare_router_vectors(g), input_mean=torch.zeros(D_IN + 1))

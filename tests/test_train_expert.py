@@ -8,11 +8,11 @@ from colm.procedures.results import read_results
 
 def test_trained_expert_beats_untrained_model(in_tmp_repo, launch):
     launch(
-        "train_single_task_loralinear.sh", "-exp_name", "toy_lora", "-dataset", "TOYFIRSTLETTERCLASS",
+        "train_single_task_loralinear.sh", "-exp_name", "toy_lora", "-dataset", "TOYTOPIC",
         "-extra_bindings",
         "MOMA/save_weights.should_save_to_gcp=False P/TRAIN/Trainer.gradient_accumulation_factor=1 "
         "P/TRAIN/Trainer.num_steps=200 P/TRAIN/Trainer.validation_step_interval=100 main.logging_backend=None "
-        "D/TOYFIRSTLETTERCLASS/EVAL/ToyDataset.num_examples=100",
+        "D/TOYTOPIC/EVAL/ToyDataset.num_examples=100",
     )
     out = in_tmp_repo / "exp_out/toy_lora"
     for name in ("best.pt", "finish.pt", "results.txt", "results_in_training.txt"):
@@ -20,8 +20,8 @@ def test_trained_expert_beats_untrained_model(in_tmp_repo, launch):
     best = read_checkpoint(str(out / "best.pt"))
     a = best["encoder.block.0.layer.0.SelfAttention.q.expert_lora_a"]
     b = best["decoder.block.1.layer.1.EncDecAttention.v.expert_lora_b"]
-    assert a.shape == (16, 64) and b.shape == (64, 16)
-    assert all(k.endswith((".expert_lora_a", ".expert_lora_b")) for k in best) and len(best) == 2 * 36
+    assert a.shape == (16, 128) and b.shape == (128, 16)
+    assert all(k.endswith((".expert_lora_a", ".expert_lora_b")) for k in best) and len(best) == 2 * 72
     assert b.abs().sum() > 0  # trained: B moved away from its zero init
 
     entries = read_results(str(out / "results.txt"))
@@ -31,8 +31,8 @@ def test_trained_expert_beats_untrained_model(in_tmp_repo, launch):
 
     # The evaluation launcher reads best.pt and reproduces the trained score.
     launch("eval_single_task_loralinear.sh", "-exp_name", "toy_lora",
-                 "-dataset", "TOYFIRSTLETTERCLASS", "-extra_bindings",
-                 "main.logging_backend=None D/TOYFIRSTLETTERCLASS/EVAL/ToyDataset.num_examples=100")
+                 "-dataset", "TOYTOPIC", "-extra_bindings",
+                 "main.logging_backend=None D/TOYTOPIC/EVAL/ToyDataset.num_examples=100")
     assert read_results(str(out / "results.txt"))[-1][1]["average_score"] == trained
     assert torch.equal(read_checkpoint(str(out / "best.pt"))["decoder.block.1.layer.1.EncDecAttention.v.expert_lora_b"], b)
 

@@ -1,18 +1,16 @@
 """Average Activation router vectors (spec 4.8.3 step 3): averaged activations -> an expert's router vectors.
 
-`insert_averaged_hiddens` reads `exp_out/<exp_name>/averaged_hiddens<suffix>/<dataset with / -> _>.pickle`
+`insert_averaged_hiddens` reads `exp_out/<exp_name>/averaged_hiddens<suffix>/<dataset with / -> _>.safetensors`
 (written by SaveAveragedHiddens, colm/procedures/averaged_hiddens.py) and writes each module's average as
 `<module>._addons.router.expert_embeddings__<index>` of `exp_out/<exp_name>/best.pt`, in place (atomically).
 """
 
 import os
-import pickle
-
-import numpy as np
-import torch
 
 from colm.checkpoints import keys as K
 from colm.checkpoints import manipulations
+
+HIDDENS_EXTENSION = ".safetensors"  # what SaveAveragedHiddens writes (colm/procedures/averaged_hiddens.py)
 
 FINAL_LAYER_NORM = "encoder.final_layer_norm"  # its pooled output is the A1 decoder router's input
 DECODER_ROUTER = "decoder"  # A1: one router on the decoder stack, shared by every decoder linear
@@ -24,21 +22,36 @@ REINIT_SCRIPT = "colm/experiments/bash_scripts/reinit_router_embedding.sh"
 
 def hiddens_file(exp_name: str, dataset: str, hiddens_suffix: str = "_a2") -> str:
     return os.path.join(manipulations.EXP_OUT, exp_name, f"averaged_hiddens{hiddens_suffix}",
-                        dataset.replace("/", "_") + ".pickle")
+                        dataset.replace("/", "_") + HIDDENS_EXTENSION)
 
 
 def read_hiddens(file: str, how_to_make: str) -> dict:
-    """{module: float32 tensor} from a SaveAveragedHiddens pickle; a missing file says how it is made."""
+    """{module: float32 tensor} from a SaveAveragedHiddens safetensors file; a missing file says how it is made.
+
+    Never unpickles: a `.pickle` of the original (or of older colm) next to it is refused with how to remake it,
+    since loading a pickle runs whatever code the file carries."""
     if not os.path.isfile(file):
         directory = os.path.dirname(file)
-        present = sorted(f for f in os.listdir(directory) if f.endswith(".pickle")) if os.path.isdir(directory) else []
+        stem = os.path.splitext(file)[0]
+        if os.path.isfile(stem + ".pickle"):
+            raise FileNotFoundError(f"{stem}.pickle holds averaged activations in the old pickle format, which colm no "
+                                    f"longer loads (a pickle can run code); {file} is needed instead. {how_to_make}")
+        present = (sorted(f for f in os.listdir(directory) if f.endswith(HIDDENS_EXTENSION))
+                   if os.path.isdir(directory) else [])
         raise FileNotFoundError(f"No averaged activations at {file}" + (f" ({directory} holds {present})" if present
                                                                        else "") + f". {how_to_make}")
-    with open(file, "rb") as f:
-        averages = pickle.load(f)
-    if not isinstance(averages, dict) or not all(np.ndim(v) == 1 for v in averages.values()):
-        raise ValueError(f"{file} is not a {{module name: vector}} dict written by SaveAveragedHiddens.")
-    return {name: torch.as_tensor(np.asarray(vector, dtype=np.float32)) for name, vector in averages.items()}
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        averages = load_file(file)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{file} is not a safetensors file written by SaveAveragedHiddens ({error}); recompute it: "
+                         f"{how_to_make}") from None
+    bad = sorted(name for name, vector in averages.items() if vector.dim() != 1)
+    if bad:
+        raise ValueError(f"{file}: {bad[:3]} are not vectors; it was not written by SaveAveragedHiddens.")
+    return {name: vector.float() for name, vector in averages.items()}
 
 
 def check_component(component):
@@ -124,7 +137,7 @@ def insert_averaged_hiddens_state(state: dict, averages: dict, index: int = 0, a
 def insert_averaged_hiddens(exp_name, dataset, index=0, hiddens_suffix="_a2", component=None, arch="A2"):
     """Writes the averages of `dataset` (e.g. "D/P3SOCIALIQA/TRAIN") as the router vectors of expert `index`
     in exp_out/<exp_name>/best.pt; component "pretrained" / "task" first keeps only the part along / orthogonal
-    to the C4 averages at exp_out/P3C4_lora/averaged_hiddens<suffix>/D_C4_EVAL.pickle."""
+    to the C4 averages at exp_out/P3C4_lora/averaged_hiddens<suffix>/D_C4_EVAL.safetensors."""
     component = check_component(component)
     scope = dataset[len("D/"):-len("/TRAIN")] if dataset.startswith("D/") and dataset.endswith("/TRAIN") else "<SCOPE>"
     averages = read_hiddens(

@@ -1,7 +1,9 @@
 """Concatenating one-expert checkpoints into one MoE checkpoint (spec 4.6) and printing per-expert commands.
 
 Expert `<name>` is read from `exp_out/datasets_concatenated/<name>_<suffix>/best.pt` (its keys carry index 0)
-and becomes expert i, i = the name's position in the setting (`expert_order.py`).
+and becomes expert i, i = the name's position in the setting (`expert_order.py`); a list may name experts of
+your own ("MyEcho", "MyTask:MYSCOPE"). Beside the concatenated `best.pt`, `experts.json` names the experts in
+index order (colm/checkpoints/experts_file.py), so that analyses can label experts by name.
 """
 
 import os
@@ -11,7 +13,9 @@ import gin
 from colm.checkpoints import keys as K
 from colm.checkpoints import manipulations
 from colm.checkpoints.expert_order import get_setting
+from colm.checkpoints.experts_file import write_experts_file
 from colm.moma.weights import read_checkpoint
+from colm.utils.run_dir import unfinished_warning
 
 CONCATENATED_DIR = "datasets_concatenated"
 REINIT_SCRIPT = "colm/experiments/bash_scripts/reinit_router_embedding.sh"
@@ -32,10 +36,13 @@ def _as_bool(value, what: str) -> bool:
 
 
 def _setting(datasets):
+    """{name: scope} of a setting or list of names (expert_order.get_setting). Concatenation reads files by name
+    only, so names of your own need no dataset registry here: their scopes ("Name:SCOPE", or derived from the
+    name) are not checked, and only the printed per-expert commands use them."""
     if datasets is None or (not isinstance(datasets, str) and len(datasets) == 0):
         raise ValueError("run_concatenate.datasets is empty: bind a setting name (e.g. run_concatenate.datasets="
-                         "\"Full\") or a list of expert names.")
-    return get_setting(datasets)
+                         "\"Full\") or a list of expert names (names of your own too: [\"MyEcho\", \"MyTask:MYSCOPE\"]).")
+    return get_setting(datasets, check_scopes=False)
 
 
 def _single_quoted(text: str) -> str:
@@ -121,6 +128,9 @@ def concatenate_states(named_states) -> dict:
 
 def _read_all(files: dict):
     for name, file in files.items():
+        warning = unfinished_warning(file)  # e.g. a gate training that was killed
+        if warning:
+            print(warning)
         yield f"{file} (expert {name})", read_checkpoint(file)
 
 
@@ -147,7 +157,8 @@ def run_concatenate(arch="A2", datasets=(), print_commands=False, suffix="lora",
         )
     state = concatenate_states(_read_all(files))
     manipulations.save(state, out_path, "run_concatenate.out_path")
-    print(f"[colm] run_concatenate: {len(files)} experts -> {out_file}")
+    names_file = write_experts_file(os.path.dirname(out_file), setting)
+    print(f"[colm] run_concatenate: {len(files)} experts -> {out_file} (names in {names_file})")
     return out_file
 
 

@@ -3,12 +3,21 @@
 An expert's index in a concatenated checkpoint is its position in the setting, so these lists must keep
 the original order for the released checkpoints (166 experts, the "Full"/FLAN setting) to route unchanged.
 Each expert name maps to the dataset scope stem that launchers take as `-dataset` (`D/<scope>/TRAIN`).
+
+Experts of your own: a list entry may be any name. Its scope is the table's for a name listed here, else
+given explicitly as "Name:SCOPE" (meaning `D/SCOPE/TRAIN` and `D/SCOPE/EVAL`), else derived from the name
+(upper-cased, separators dropped: "my-echo" -> MYECHO). Where a scope is used to build datasets
+(`setting_scopes`), a scope of your own must be defined by a loaded gin file (launchers: -extra_gin_files);
+concatenation needs only the names (`expert_names`).
 """
 
 import difflib
+import re
 from collections import OrderedDict
 
 import gin
+
+from colm import registry
 
 # T0 held-in datasets, indices 0-35 (the "T0 setting").
 P3_NAMES = (
@@ -69,8 +78,7 @@ ADD1_NAMES = (
 
 # The embedded toy world (colm/datasets/toy.gin).
 TOY_NAMES = (
-    "ToyReverse", "ToySort", "ToyFirstletter", "ToyLastletter", "ToyDouble", "ToyShift", "ToyDedup",
-    "ToySwaphalves", "ToyFirstisvowel", "ToyLengthparity", "ToyContainsa", "ToyFirstletterclass",
+    "ToySentiment", "ToyTopic", "ToyDiagnosis", "ToyRuling", "ToyQa", "ToySummary", "ToyReverse", "ToyInstrument",
 )
 
 _ZERO_SHOT_PREFIXES = ("Flanv2zs", "Niv2zs")
@@ -109,34 +117,117 @@ SETTINGS = {
 _KNOWN = OrderedDict(list(SETTINGS["Full"].items()) + list(SETTINGS["Toy"].items()))
 
 
-def get_setting(name_or_list) -> OrderedDict:
-    """OrderedDict {expert name: scope} for a setting name ("Full", "P3", ...) or an explicit list of names.
+# A name becomes a folder name (exp_out/<expert_dir>/<name>_<suffix>); a scope a gin scope (D/<SCOPE>/TRAIN).
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SCOPE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*")
+_NAMING_HELP = (
+    'Name an expert of your own "Name:SCOPE" (its datasets are D/SCOPE/TRAIN and D/SCOPE/EVAL) or just "Name" '
+    "(scope = the name upper-cased without separators), and pass the gin file defining those scopes to the "
+    "launcher with -extra_gin_files."
+)
 
-    The expert index in a concatenated checkpoint is the position in the returned dict. Returns a copy.
+
+def derived_scope(name: str) -> str:
+    """The scope of an expert of your own named without one: "My_Echo-2" -> "MYECHO2"."""
+    return re.sub(r"[^A-Za-z0-9]", "", name).upper()
+
+
+def parse_entry(entry) -> tuple:
+    """("Name", "SCOPE" or None) of one list entry, "Name" or "Name:SCOPE".
+
+    An explicit scope may also be written as the dataset scope itself ("D/SCOPE/TRAIN"); the "D/" prefix and
+    the split are dropped.
     """
+    if not isinstance(entry, str):
+        raise ValueError(f"Expert list entry {entry!r} is not a string. {_NAMING_HELP}")
+    name, sep, scope = entry.partition(":")
+    name, scope = name.strip(), scope.strip()
+    if not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"Expert name {name!r} (in {entry!r}) must start with a letter or digit and hold only "
+                         "letters, digits, '_', '-' and '.' (it becomes a folder name). " + _NAMING_HELP)
+    if not sep:
+        return name, None
+    if scope.startswith("D/"):
+        scope = scope[len("D/"):]
+    for split in ("/TRAIN", "/EVAL"):
+        if scope.endswith(split):
+            scope = scope[: -len(split)]
+    if not _SCOPE_PATTERN.fullmatch(scope):
+        raise ValueError(f"Expert {entry!r}: {scope!r} is no scope name (e.g. MYECHO or MYTASK/ZS). " + _NAMING_HELP)
+    return name, scope
+
+
+def _entries(name_or_list) -> list:
+    """[(name, explicit scope or None)] of a setting name or list; checks emptiness and repeated names."""
     if isinstance(name_or_list, str):
         if name_or_list in SETTINGS:
-            return OrderedDict(SETTINGS[name_or_list])
+            return [(name, None) for name in SETTINGS[name_or_list]]
         close = difflib.get_close_matches(name_or_list, list(SETTINGS) + list(_KNOWN), n=5)
         raise ValueError(
             f"Unknown expert setting {name_or_list!r}. Settings: {sorted(SETTINGS)}"
             + (f"; close matches: {close}" if close else "")
-            + ". To pick experts by name pass a list, e.g. [\"P3Agnews\", \"P3Cosmosqa\"]."
+            + ". To pick experts by name pass a list, e.g. [\"P3Agnews\", \"P3Cosmosqa\"]; experts of your own "
+            "are listed the same way, e.g. [\"MyEcho\", \"MySentiment:REVIEWS\"]."
         )
-    names = list(name_or_list)
-    if not names:
+    entries = [parse_entry(entry) for entry in name_or_list]
+    if not entries:
         raise ValueError("The expert list is empty: give a setting name (e.g. \"Full\") or a list of expert names.")
-    unknown = [n for n in names if n not in _KNOWN]
-    if unknown:
-        hints = {n: difflib.get_close_matches(str(n), list(_KNOWN), n=3) for n in unknown}
-        raise ValueError(
-            f"Unknown expert name(s) {unknown}. Close matches: {hints}. "
-            "Names are those of colm/checkpoints/expert_order.py (spec 6.7), e.g. \"P3Agnews\", \"Flanv2zsBoolq\"."
-        )
+    names = [name for name, _ in entries]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"Expert name(s) {repeated} appear more than once in the list; each expert needs one index.")
-    return OrderedDict((n, _KNOWN[n]) for n in names)
+    return entries
+
+
+def expert_names(name_or_list) -> list:
+    """The expert names of a setting or list, in index order, without resolving scopes (concatenation reads
+    exp_out/<expert_dir>/<name>_<suffix>/best.pt and needs nothing else)."""
+    return [name for name, _ in _entries(name_or_list)]
+
+
+def _loaded(scope: str, scopes: set) -> bool:
+    return f"D/{scope}/TRAIN" in scopes or f"D/{scope}/EVAL" in scopes
+
+
+def get_setting(name_or_list, check_scopes=True) -> OrderedDict:
+    """OrderedDict {expert name: scope} for a setting name ("Full", "P3", ...) or an explicit list of names.
+
+    The expert index in a concatenated checkpoint is the position in the returned dict. Returns a copy.
+    List entries are names of this module's table (scope from the table), "Name:SCOPE", or other names (scope
+    derived from the name). With check_scopes, every scope not taken from the table must be defined
+    (`D/<scope>/TRAIN` or `D/<scope>/EVAL`) by the gin files parsed so far; pass False where no dataset
+    registry is loaded and only file names depend on the scope.
+    """
+    setting = OrderedDict()
+    loaded = None
+    for name, explicit in _entries(name_or_list):
+        if explicit is None and name in _KNOWN:
+            setting[name] = _KNOWN[name]
+            continue
+        scope = explicit if explicit is not None else derived_scope(name)
+        if check_scopes:
+            if loaded is None:
+                loaded = set(registry.known_scopes())
+            if not _loaded(scope, loaded):
+                raise ValueError(_unknown_expert_message(name, explicit, scope))
+        setting[name] = scope
+    return setting
+
+
+def _unknown_expert_message(name: str, explicit, scope: str) -> str:
+    if explicit is not None:
+        return (f"Expert {name!r}: its scope {scope!r} has no D/{scope}/TRAIN or D/{scope}/EVAL in the gin files "
+                "given (a 'D/<SCOPE>/TRAIN/build.cls = @LocalDataset' binding, for instance). " + _NAMING_HELP)
+    close = difflib.get_close_matches(name, list(_KNOWN), n=3)
+    return (f"Unknown expert name {name!r}: it is not in colm/checkpoints/expert_order.py"
+            + (f" (close matches: {close})" if close else "")
+            + f", and the scope derived from it, D/{scope}/TRAIN, is defined by none of the gin files given. "
+            + _NAMING_HELP)
+
+
+def is_listed(name: str) -> bool:
+    """Whether an expert name is one of this module's table (not an expert of your own)."""
+    return name in _KNOWN
 
 
 def setting_containing(name: str) -> str:

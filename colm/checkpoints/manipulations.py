@@ -9,6 +9,7 @@ Conventions: layer1_i is d_in x r, layer2_i is r x d_out, and expert i adds (x @
 so its dense update is dW_i = layer1_i @ layer2_i / r (d_in x d_out, applied as x @ dW_i).
 """
 
+import json
 import os
 import re
 
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 
 from colm.checkpoints import keys as K
-from colm.checkpoints.expert_order import get_setting, setting_containing
+from colm.checkpoints.expert_order import get_setting, is_listed, setting_containing
 from colm.models.module_names import to_regex
 from colm.moma.weights import read_checkpoint, write_checkpoint
 from colm.utils.paths import expand
+from colm.utils.run_dir import unfinished_warning
 
 EXP_OUT = "exp_out"
 ROUTER_METHODS = ("simple", "eigen_weighted_vector", "top1_eigen_weighted_vector")
@@ -42,11 +44,28 @@ def checkpoint_file(path: str, what: str = "path") -> str:
             f"and without best.pt (e.g. \"datasets_concatenated/P3Socialiqa_t5xl_lora\" for "
             f"{EXP_OUT}/datasets_concatenated/P3Socialiqa_t5xl_lora/best.pt)."
         )
+    if ".." in path.split("/"):
+        raise ValueError(f"{what}={path!r}: '..' is not allowed in experiment paths; they stay inside {EXP_OUT}/ "
+                         "(name the directory relative to it, e.g. \"datasets_concatenated/<name>\").")
     return os.path.join(EXP_OUT, path, "best.pt")
 
 
+def _refuse_in_place(function: str, out_path, *inputs) -> None:
+    """A function with an output of its own refuses to write over one of its inputs (put_index_to_lora with
+    out_path == path overwrote the stage-1 LoRA it read)."""
+    out = checkpoint_file(out_path, f"{function}.out_path")
+    for source in inputs:
+        if isinstance(source, str) and os.path.normpath(checkpoint_file(source, function)) == os.path.normpath(out):
+            raise ValueError(f"{function}: out_path={out_path!r} is its input {source!r}; writing there would replace "
+                             "the input checkpoint. Give the result its own out_path (e.g. under datasets_concatenated/).")
+
+
 def load(path: str, what: str = "path") -> dict:
-    return read_checkpoint(checkpoint_file(path, what))
+    file = checkpoint_file(path, what)
+    warning = unfinished_warning(file)
+    if warning:
+        print(warning)
+    return read_checkpoint(file)
 
 
 def save(state: dict, out_path: str, what: str = "out_path") -> str:
@@ -70,6 +89,14 @@ def _refuse_unknown_keys(state: dict, what: str) -> None:
             "(layer1/layer2), router (expert_embeddings) and embed_tokens keys. Remove gates first "
             "(delete_expert_input_gate)."
         )
+
+
+def _refuse_non_finite(tensors, what: str) -> None:
+    """Decompositions (QR, SVD) fail on NaN / Inf with a LinAlgError that names nothing: refuse them first."""
+    for tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{what} holds NaN or Inf values; the run that wrote it diverged. Use an earlier "
+                             "checkpoint of that expert.")
 
 
 def _mean(tensors) -> torch.Tensor:
@@ -122,6 +149,7 @@ def put_index_to_lora_state(state: dict) -> dict:
 
 @gin.configurable
 def put_index_to_lora(path=gin.REQUIRED, out_path=gin.REQUIRED):
+    _refuse_in_place("put_index_to_lora", out_path, path)
     return save(put_index_to_lora_state(load(path)), out_path)
 
 
@@ -143,8 +171,9 @@ def _input_gates(state: dict, what: str) -> dict:
                          "checkpoint (index 0). Apply it before concatenation.")
     for module, gate in gates.items():
         layer1 = state.get(K.layer1_key(module, 0))
-        if layer1 is None:
-            raise ValueError(f"{what}: {module} has a gate but no expert ({K.layer1_key(module, 0)} is missing).")
+        for key in (K.layer1_key(module, 0), K.layer2_key(module, 0)):
+            if key not in state:
+                raise ValueError(f"{what}: {module} has a gate but its expert is incomplete ({key} is missing).")
         if gate.shape != (layer1.shape[0],):
             raise ValueError(f"{what}: gate of {module} has shape {tuple(gate.shape)}, expected ({layer1.shape[0]},) "
                              "= the expert's input size.")
@@ -186,6 +215,7 @@ def use_input_gate_in_router_and_expert_state(state: dict) -> dict:
 
 @gin.configurable
 def use_input_gate_in_router_and_expert(path=gin.REQUIRED, out_path=gin.REQUIRED):
+    _refuse_in_place("use_input_gate_in_router_and_expert", out_path, path)
     return save(use_input_gate_in_router_and_expert_state(load(path)), out_path)
 
 
@@ -240,6 +270,7 @@ def concatenate_two_checkpoints_state(state1: dict, state2: dict, index: int) ->
 
 @gin.configurable
 def concatenate_two_checkpoints(path1=gin.REQUIRED, path2=gin.REQUIRED, out_path=gin.REQUIRED, index=gin.REQUIRED):
+    _refuse_in_place("concatenate_two_checkpoints", out_path, path1, path2)
     state = concatenate_two_checkpoints_state(load(path1, "path1"), load(path2, "path2"), index)
     return save(state, out_path)
 
@@ -309,6 +340,8 @@ def add_router_embeddings_state(states: list) -> dict:
 
 @gin.configurable
 def add_router_embeddings(list_of_paths=gin.REQUIRED, out_path=gin.REQUIRED):
+    _refuse_in_place("add_router_embeddings", out_path, *(list_of_paths if isinstance(list_of_paths, (list, tuple))
+                                                         else [list_of_paths]))
     states = [load(p, "list_of_paths") for p in list_of_paths]
     return save(add_router_embeddings_state(states), out_path)
 
@@ -361,6 +394,9 @@ def create_router_embeddings_from_weights_state(state: dict, method_type: str) -
         raise ValueError(f"create_router_embeddings_from_weights: unknown method_type {method_type!r}; choose one "
                          f"of {ROUTER_METHODS}.")
     K.validate_experts(state, "create_router_embeddings_from_weights")
+    for key, value in state.items():
+        if K.is_expert_key(key):
+            _refuse_non_finite([value], f"create_router_embeddings_from_weights: {key}")
     groups = K.group(state)
     out = _without(state, K.is_router_key)
     for (module, param), ones in groups.items():
@@ -375,6 +411,7 @@ def create_router_embeddings_from_weights_state(state: dict, method_type: str) -
 
 @gin.configurable
 def create_router_embeddings_from_weights(path=gin.REQUIRED, out_path=gin.REQUIRED, method_type=gin.REQUIRED):
+    _refuse_in_place("create_router_embeddings_from_weights", out_path, path)
     return save(create_router_embeddings_from_weights_state(load(path), method_type), out_path)
 
 
@@ -417,6 +454,7 @@ def make_one_router_decoder_state(state: dict, matching_strings=("EncDecAttentio
 @gin.configurable
 def make_one_router_decoder(path=gin.REQUIRED, out_path=gin.REQUIRED,
                             matching_strings=("EncDecAttention.k", "EncDecAttention.v")):
+    _refuse_in_place("make_one_router_decoder", out_path, path)
     return save(make_one_router_decoder_state(load(path), matching_strings), out_path)
 
 
@@ -438,6 +476,7 @@ def make_a_specific_checkpoint_state(state1: dict, state2: dict) -> dict:
 
 @gin.configurable
 def make_a_specific_checkpoint(path1=gin.REQUIRED, path2=gin.REQUIRED, out_path=gin.REQUIRED):
+    _refuse_in_place("make_a_specific_checkpoint", out_path, path1, path2)
     state = make_a_specific_checkpoint_state(load(path1, "path1"), load(path2, "path2"))
     return save(state, out_path)
 
@@ -476,6 +515,7 @@ def normalize_expert_weights_state(state: dict, index=None, norm_value=None, key
 @gin.configurable
 def normalize_expert_weights(path=gin.REQUIRED, out_path=gin.REQUIRED, index=None, norm_value=None,
                              keys_to_ignore=()):
+    _refuse_in_place("normalize_expert_weights", out_path, path)
     state = normalize_expert_weights_state(load(path), index, norm_value, keys_to_ignore)
     return save(state, out_path)
 
@@ -484,7 +524,7 @@ def normalize_expert_weights(path=gin.REQUIRED, out_path=gin.REQUIRED, index=Non
 # Block-level routers and removing parts (spec 4.9)
 
 
-def _block_routers(state: dict) -> dict:
+def _block_routers(state: dict, what: str) -> dict:
     """{block: [(module, {index: vector}), ...]} for router vectors of modules inside encoder/decoder blocks."""
     blocks = {}
     for (module, param), vectors in K.group(state).items():
@@ -492,7 +532,7 @@ def _block_routers(state: dict) -> dict:
         if param == K.EMBEDDINGS and block is not None and module != block:
             blocks.setdefault(block, []).append((module, vectors))
     if not blocks:
-        raise ValueError("No router vectors inside encoder/decoder blocks (keys like "
+        raise ValueError(f"{what}: no router vectors inside encoder/decoder blocks (keys like "
                          "encoder.block.0.layer.0.SelfAttention.q._addons.router.expert_embeddings__0).")
     return blocks
 
@@ -501,7 +541,7 @@ def _vector_size(vectors: dict) -> int:
     return next(iter(vectors.values())).shape[0]
 
 
-def _block_width(block: str, members: list) -> int:
+def _block_width(block: str, members: list, what: str) -> int:
     """The block's input size (d_model): that of its SelfAttention.q router, else the size most routers share.
 
     In T5 the FFN's wo reads d_ff, so not every router of a block has the block's width.
@@ -514,17 +554,17 @@ def _block_width(block: str, members: list) -> int:
         counts[_vector_size(vectors)] = counts.get(_vector_size(vectors), 0) + 1
     widths = [w for w, c in counts.items() if c == max(counts.values())]
     if len(widths) > 1:
-        raise ValueError(f"{block}: no SelfAttention.q router and as many router vectors of size {widths[0]} as of "
+        raise ValueError(f"{what}, {block}: no SelfAttention.q router and as many router vectors of size {widths[0]} as of "
                          f"{widths[1]}; cannot tell the block's input size.")
     return widths[0]
 
 
-def _average_by_index(block: str, members: list) -> dict:
+def _average_by_index(block: str, members: list, what: str) -> dict:
     """{index: mean vector} over the members (all must have the same experts)."""
     indices = sorted(members[0][1])
     for module, vectors in members:
         if sorted(vectors) != indices:
-            raise ValueError(f"{block}: {module} has router vectors for experts {sorted(vectors)}, "
+            raise ValueError(f"{what}, {block}: {module} has router vectors for experts {sorted(vectors)}, "
                              f"{members[0][0]} for {indices}.")
     return {i: _mean(vectors[i] for _, vectors in members) for i in indices}
 
@@ -534,8 +574,8 @@ def merge_into_blocks_state(state: dict) -> dict:
     expert_embeddings__i`. Only vectors of the block's common size are averaged (in T5 the FFN's wo reads
     d_ff, not d_model); the others are deleted as well, since one block router serves the whole block."""
     out = dict(state)
-    for block, members in _block_routers(state).items():
-        width = _block_width(block, members)
+    for block, members in _block_routers(state, "merge_into_blocks").items():
+        width = _block_width(block, members, "merge_into_blocks")
         left_out = [m for m, v in members if _vector_size(v) != width]
         if left_out:
             print(f"[colm] merge_into_blocks: {block}: {len(left_out)} router(s) of another size not averaged, "
@@ -544,13 +584,14 @@ def merge_into_blocks_state(state: dict) -> dict:
             for i in vectors:
                 del out[K.router_key(module, i)]
         same_width = [(m, v) for m, v in members if _vector_size(v) == width]
-        for i, mean in _average_by_index(block, same_width).items():
+        for i, mean in _average_by_index(block, same_width, "merge_into_blocks").items():
             out[K.router_key(block, i)] = mean
     return out
 
 
 @gin.configurable
 def merge_into_blocks(path=gin.REQUIRED, out_path=gin.REQUIRED):
+    _refuse_in_place("merge_into_blocks", out_path, path)
     return save(merge_into_blocks_state(load(path)), out_path)
 
 
@@ -560,10 +601,10 @@ def make_router_blockwise_state(state: dict, index=None) -> dict:
     index: only that expert's vectors (None: all).
     """
     out = dict(state)
-    for block, members in _block_routers(state).items():
+    for block, members in _block_routers(state, "make_router_blockwise").items():
         for width in sorted({_vector_size(v) for _, v in members}):
             same_width = [(m, v) for m, v in members if _vector_size(v) == width]
-            for i, mean in _average_by_index(block, same_width).items():
+            for i, mean in _average_by_index(block, same_width, "make_router_blockwise").items():
                 if index is None or i == index:
                     for module, _ in same_width:
                         out[K.router_key(module, i)] = mean.clone()
@@ -601,6 +642,7 @@ def skip_blocks_state(state: dict, block_num: int) -> dict:
 
 @gin.configurable
 def skip_blocks(path=gin.REQUIRED, out_path=gin.REQUIRED, block_num=gin.REQUIRED):
+    _refuse_in_place("skip_blocks", out_path, path)
     return save(skip_blocks_state(load(path), block_num), out_path)
 
 
@@ -613,6 +655,7 @@ def skip_alternate_state(state: dict, ffn_exp: bool) -> dict:
 
 @gin.configurable
 def skip_alternate(path=gin.REQUIRED, out_path=gin.REQUIRED, ffn_exp=gin.REQUIRED):
+    _refuse_in_place("skip_alternate", out_path, path)
     return save(skip_alternate_state(load(path), ffn_exp), out_path)
 
 
@@ -639,6 +682,11 @@ def svd_orthogonalize_router_state(state: dict, skip_keys=()) -> dict:
         if param != K.EMBEDDINGS or any(s in module for s in skip):
             continue
         indices = sorted(vectors)
+        shapes = sorted({tuple(v.shape) for v in vectors.values()})
+        if len(shapes) != 1 or len(shapes[0]) != 1:
+            raise ValueError(f"svd_orthogonalize_router: router {module} has vectors of shapes {shapes}; all of a "
+                             "router's vectors must be one-dimensional and of one size.")
+        _refuse_non_finite(vectors.values(), f"svd_orthogonalize_router: router {module}")
         stacked = torch.stack([vectors[i] for i in indices])
         if stacked.shape[0] > stacked.shape[1]:
             raise ValueError(f"svd_orthogonalize_router: router {module} has {stacked.shape[0]} vectors of size "
@@ -654,6 +702,7 @@ def svd_orthogonalize_router_state(state: dict, skip_keys=()) -> dict:
 
 @gin.configurable
 def svd_orthogonalize_router(path=gin.REQUIRED, out_path=gin.REQUIRED, skip_keys=()):
+    _refuse_in_place("svd_orthogonalize_router", out_path, path)
     return save(svd_orthogonalize_router_state(load(path), skip_keys), out_path)
 
 
@@ -692,6 +741,7 @@ def average_lora_weights_state(state: dict) -> dict:
 
 @gin.configurable
 def average_lora_weights(path=gin.REQUIRED, out_path=gin.REQUIRED):
+    _refuse_in_place("average_lora_weights", out_path, path)
     return save(average_lora_weights_state(load(path)), out_path)
 
 
@@ -718,6 +768,7 @@ def average_outer_product_lora_weights_state(state: dict) -> dict:
 
 @gin.configurable
 def average_outer_product_lora_weights(path=gin.REQUIRED, out_path=gin.REQUIRED):
+    _refuse_in_place("average_outer_product_lora_weights", out_path, path)
     return save(average_outer_product_lora_weights_state(load(path)), out_path)
 
 
@@ -754,13 +805,19 @@ def make_checkpoint_for_retrieval_state(state: dict, library: list) -> dict:
 @gin.configurable
 def make_checkpoint_for_retrieval(checkpoint_path=gin.REQUIRED, embeddings_path=gin.REQUIRED, out_path=gin.REQUIRED,
                                   dataset_length=1000, dataset_dict_str="Full"):
-    setting = get_setting(dataset_dict_str)
+    _refuse_in_place("make_checkpoint_for_retrieval", out_path, checkpoint_path)
+    # Library files are named by scope; no dataset registry is loaded here, so the scopes of experts of your own
+    # are not checked against one (a wrong one shows as a missing library file below).
+    setting = get_setting(dataset_dict_str, check_scopes=False)
     files = {name: retrieval_library_file(embeddings_path, scope, dataset_length) for name, scope in setting.items()}
     missing = {name: f for name, f in files.items() if not os.path.isfile(f)}
     if missing:
-        settings = sorted({setting_containing(name) for name in missing})
+        known = [name for name in missing if isinstance(dataset_dict_str, str) or is_listed(name)]
+        settings = sorted({setting_containing(name) for name in known})
+        if len(known) < len(missing):  # experts of your own: the library is made for the list, with their gin files
+            settings.append("'" + json.dumps(list(dataset_dict_str)) + "' -extra_gin_files <your gin files>")
         commands = "; ".join(f"bash colm/experiments/bash_scripts/retriever.sh -make_expert_library True "
-                             f"-dataset_setting {s}" for s in settings)
+                             f"-dataset_setting {s} -dataset_length {dataset_length}" for s in settings)
         raise FileNotFoundError(f"make_checkpoint_for_retrieval: {len(missing)} library file(s) missing: "
                                 f"{sorted(missing.values())}. Make them with: {commands}")
     state = load(checkpoint_path, "checkpoint_path")

@@ -5,7 +5,7 @@ import os
 from colm.datasets.dataset import Dataset, InterfaceInfo, special_ids, tokenize
 from colm.datasets.local import LocalDataset, resolve_local_source
 from colm.datasets.metrics import Scorer, compute_metrics
-from colm.datasets.toy import SKILLS, ToyDataset
+from colm.datasets.toy import TASKS, ToyDataset
 
 TOY_GIN = os.path.join(os.path.dirname(__file__), "toy.gin")
 
@@ -13,7 +13,7 @@ __all__ = [
     "Dataset",
     "InterfaceInfo",
     "LocalDataset",
-    "SKILLS",
+    "TASKS",
     "Scorer",
     "TOY_GIN",
     "ToyDataset",

@@ -179,7 +179,13 @@ class Dataset(torch.utils.data.Dataset):
         self.batch_size = batch_size
         self.dataset_path = dataset_path
         self.seed = seed
+        if max_examples_per_dataset is not None and (
+                isinstance(max_examples_per_dataset, bool) or not isinstance(max_examples_per_dataset, int)
+                or max_examples_per_dataset < 1):
+            raise ValueError(f"{name}/{type(self).__name__}.max_examples_per_dataset={max_examples_per_dataset!r}: give "
+                             "a positive number of examples, or None for all of them.")
         self.max_examples_per_dataset = max_examples_per_dataset
+        self._truncation_reported = False
         self.metrics = list(metrics) if metrics is not None else []
         self.max_length = max_length
         self.tokenizer = None
@@ -189,8 +195,30 @@ class Dataset(torch.utils.data.Dataset):
         self.load_data()
         self.process_data()
         self.truncate_dataset()
+        self.check_interface()
 
     # ---- hooks for subclasses -------------------------------------------------
+    def source_description(self):
+        """Where the rows come from, for error messages (LocalDataset names its file)."""
+        return f"its data (dataset_path={self.dataset_path!r})"
+
+    def answer_choices_fix(self):
+        """How to give a rank-classification dataset its answer choices, for the build-time check."""
+        return (f"Give every example its answer choices (the \"answer_choices\" of get_example), or score generated "
+                f'text instead: {self.name}/InterfaceInfo.interface = "gen".')
+
+    def check_interface(self):
+        """Build-time check: rank classification ("mc") scores each example's answer choices, so a dataset whose
+        first example has none is refused now rather than after training, naming the scope, source and fix."""
+        if self.interface_info.interface != "mc" or len(self) == 0:
+            return
+        if not list(self.get_example(0).get("answer_choices") or []):
+            raise ValueError(
+                f"Dataset {self.name!r} is scored by rank classification ({self.name}/InterfaceInfo.interface = "
+                f'"mc"), but example 0 of {self.source_description()} has no answer choices. '
+                + self.answer_choices_fix()
+            )
+
     def load_data(self):
         raise NotImplementedError(f"{type(self).__name__} must implement load_data().")
 
@@ -253,7 +281,7 @@ class Dataset(torch.utils.data.Dataset):
             label = overlaps.index(max(overlaps))
         references = ex.get("references")
         return {
-            "input_ids": tokenize(tok, ex["input_str"], self.max_length),
+            "input_ids": self._input_ids(tok, ex["input_str"], i),
             "target_ids": target_ids,
             "answer_choices_ids": choice_ids,
             "label": label,
@@ -265,6 +293,17 @@ class Dataset(torch.utils.data.Dataset):
             "idx": i,
             "dataset_name": self.name,
         }
+
+    def _input_ids(self, tok, text, i):
+        ids = tokenize(tok, text, self.max_length)
+        if self.max_length is not None and len(ids) >= self.max_length and not getattr(self, "_truncation_reported", False):
+            full = len(tokenize(tok, text))
+            if full > self.max_length:
+                self._truncation_reported = True
+                print(f"[colm] {self.name}: example {i} has {full:,} input tokens, truncated to max_length="
+                      f"{self.max_length} (bind {self.name}/{type(self).__name__}.max_length to change it); further "
+                      "truncations are not reported.")
+        return ids
 
     def pad_id(self):
         pad_id = self._require_tokenizer().pad_token_id

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from colm.datasets.niv2_categories import NIV2_CATEGORIES, CategoryLookup
+from colm.utils.progress import interactive
 
 FLAN_ROOT = "FLANV2"
 # release submix -> folder under FLANV2/; other submixes are ignored.
@@ -238,7 +239,8 @@ class _Destinations:
         bars_were_on = not hf_datasets.are_progress_bars_disabled()
         hf_datasets.disable_progress_bars()  # one bar per folder would drown ours
         try:
-            for ident in tqdm(sorted(self.writers), desc="saving FLAN folders", disable=not progress):
+            bar_off = not (progress and interactive())  # on a terminal only: no redraw frames in a log file
+            for ident in tqdm(sorted(self.writers), desc="saving FLAN folders", disable=bar_off):
                 destination = self.names[ident]
                 stream = os.path.join(self.partial, f"{ident}.arrow")
                 staged = os.path.join(self.partial, str(ident))
@@ -312,7 +314,8 @@ def build_flan_folders(
     _remove_stale_partials(os.path.join(out_dir, FLAN_ROOT))
     destinations = _Destinations(out_dir, categories, overwrite, only, report)
     try:
-        with tqdm(total=total, unit="rows", desc="reading FLAN release", disable=not progress) as bar:
+        bar_off = not (progress and interactive())  # on a terminal only: no redraw frames in a log file
+        with tqdm(total=total, unit="rows", desc="reading FLAN release", disable=bar_off) as bar:
             for submix, path in files:
                 parquet = pq.ParquetFile(path)
                 columns = [f.name for f in OUTPUT_SCHEMA if f.name in parquet.schema_arrow.names]

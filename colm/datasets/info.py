@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from colm import registry
 from colm.datasets.dataset import special_ids
 from colm.utils.atomic import atomic_path
+from colm.utils.progress import interactive
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The dataset registries, in the order the launchers pass them; missing ones are skipped.
@@ -169,7 +170,8 @@ def dataset_stats(dataset, tokenizer, max_examples=None, seed=0) -> dict:
 def collect(scopes, tokenizer, max_examples=None, seed=0, progress=True) -> list:
     """One row per scope: its statistics, or {"scope", "error"} if it could not be built or read."""
     rows = []
-    for scope in tqdm(scopes, desc="datasets", unit="scope", disable=not progress, dynamic_ncols=True):
+    bar_off = not (progress and interactive())  # a bar on a terminal only, never frames in a log file
+    for scope in tqdm(scopes, desc="datasets", unit="scope", disable=bar_off, dynamic_ncols=True):
         try:
             dataset = registry.get_object(scope)
             dataset.set_tokenizer(tokenizer)

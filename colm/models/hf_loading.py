@@ -10,6 +10,7 @@ import gin
 import transformers
 
 from colm.utils.paths import expand
+from colm.utils.progress import quiet_library_bars
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,6 +30,7 @@ def resolve_name_or_path(name_or_path: str) -> str:
 
 
 def _load(loader, name_or_path: str, what: str):
+    quiet_library_bars()  # transformers draws a loading bar; not in a log file
     try:
         return loader(name_or_path)
     except OSError as error:

@@ -47,6 +47,8 @@ class Model(nn.Module):
         if mix_precision not in PRECISIONS:
             raise ValueError(f"Model.mix_precision={mix_precision!r}; choose one of None, 'bf16', 'fp16'.")
         self.compute_dtype = PRECISIONS[mix_precision]
+        # What will be trainable, for loads during the init calls (colm/moma/weights.py check_missing).
+        self.requested_trainable_params = trainable_params
         for call in init_moma_calls:
             call(self)
         self.set_trainable_params(trainable_params)

@@ -38,6 +38,9 @@ def load_embedder(model_name: str = DEFAULT_MODEL, device="cpu"):
     if key not in _CACHE:
         from transformers import AutoModel, AutoTokenizer
 
+        from colm.utils.progress import quiet_library_bars
+
+        quiet_library_bars()
         path = model_path(model_name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)

@@ -135,17 +135,32 @@ class Router(ExtendableAddon):
     score_type: "original" (standardise both sides), "dot", "cosine", "weighted_cosine" (cosine with a learned
     elementwise weight on the expert vectors), "arrow" (|x.g| / temperature); times sqrt(1/d) when
     scaling_scores. router_type "smear" (softmax) or "top1".
+
+    Centring (beyond the paper): a checkpoint may hold `<module>._addons.router.input_mean` (d_router), the
+    router's mean input measured on calibration data (colm/procedures/calibration.py); the scores are then
+    those of x - input_mean (routing.router_scores). center_inputs: "auto" (default) centres exactly when the
+    loaded checkpoint has the key, so an uncalibrated checkpoint routes as in the paper; False ignores the
+    stored means (ablation on a calibrated checkpoint); True requires them.
+
+    Writes the probabilities under its write key and the pre-softmax scores under SCORES_KIND + write_key[1:]
+    (decoder routers also append both per generation step under `<key> + ("concatenated",)`).
     """
 
     stacked = ("expert_embeddings",)
     has_pre_forward = True
+    INPUT_MEAN = "input_mean"  # buffer name, so the checkpoint key is <module>._addons.<router addon>.input_mean
+    SCORES_KIND = "router_scores"
 
     def __init__(self, global_hidden_dict, host_name, link, read_key, write_key, host, model_config,
                  d_router=gin.REQUIRED,
                  position="before", router_type="smear", score_type="original", scaling_scores=True,
                  temperature=10.0, elementwise_affine=False, epsilon=1e-6, is_retriever=False,
-                 retrieval_embedding_dim=384):
+                 retrieval_embedding_dim=384, center_inputs="auto"):
         super().__init__(global_hidden_dict, host_name, link)
+        if center_inputs not in (True, False, "True", "False", "auto"):
+            raise ValueError(f"Router.center_inputs={center_inputs!r}; choose 'auto' (centre when the checkpoint "
+                             "holds input means), True or False.")
+        self.center_inputs = center_inputs if center_inputs == "auto" else center_inputs in (True, "True")
         if score_type not in SCORE_TYPES:
             raise ValueError(f"Router.score_type={score_type!r}; choose one of {SCORE_TYPES}.")
         if router_type not in routing.ROUTER_TYPES:
@@ -155,6 +170,7 @@ class Router(ExtendableAddon):
         if position != "before":
             raise NotImplementedError("Router.position must be 'before'.")
         self.read_key, self.write_key = read_key, write_key
+        self.scores_key = (self.SCORES_KIND,) + tuple(write_key[1:])
         self.d_router = d_router = resolve_size(d_router, host, model_config)
         self.is_retriever = is_retriever in (True, "True")
         self.retrieval_embedding_dim = retrieval_embedding_dim
@@ -170,9 +186,46 @@ class Router(ExtendableAddon):
         # Decoder routers also keep every step's weights, so generated tokens can be analysed.
         self.concatenate = "decoder" in host_name and not re.search(r"EncDecAttention\.[kv]$", host_name)
         self._prepared, self._prepared_for = None, None
+        # Absent (None: not in the state dict) until a checkpoint with input means is loaded or set_input_mean.
+        self.register_buffer(self.INPUT_MEAN, None)
 
     def fresh_rows(self, name, num_new):
         return torch.zeros(num_new, self.d_router)
+
+    def prepare_load(self, prefix, state_dict):
+        super().prepare_load(prefix, state_dict)
+        mean = state_dict.get(prefix + self.INPUT_MEAN)
+        if mean is not None:
+            if self.is_retriever:
+                raise ValueError(f"{prefix}{self.INPUT_MEAN}: a retrieval router does not centre its inputs; remove "
+                                 "the key from the checkpoint.")
+            if tuple(mean.shape) != (self.d_router,):
+                raise ValueError(f"{prefix}{self.INPUT_MEAN} has shape {tuple(mean.shape)}, the router input has "
+                                 f"{self.d_router} features: the means were measured on another model.")
+            if self.input_mean is None:  # create the buffer so that load_state_dict fills it
+                self.set_input_mean(torch.zeros(self.d_router))
+
+    def set_input_mean(self, mean):
+        """Stores (or with None removes) the centring mean (d_router,)."""
+        if mean is not None:
+            mean = torch.as_tensor(mean, dtype=torch.float32).detach()
+            if tuple(mean.shape) != (self.d_router,):
+                raise ValueError(f"Router on {self.host_name}: input mean of shape {tuple(mean.shape)}, expected "
+                                 f"({self.d_router},).")
+            mean = mean.to(self.expert_embeddings.device)
+        setattr(self, self.INPUT_MEAN, mean)
+
+    def centring_mean(self):
+        """The mean subtracted before scoring, or None (no centring)."""
+        if self.center_inputs is False:
+            return None
+        if self.input_mean is None and self.center_inputs is True:
+            raise RuntimeError(
+                f"Router on {self.host_name}: Router.center_inputs=True but the checkpoint has no "
+                f"{self.host_name}._addons.router.{self.INPUT_MEAN}. Calibrate it first (python "
+                "scripts/calibrate_routers.py ..., see colm/procedures/calibration.py) or bind "
+                "Router.center_inputs=\"auto\".")
+        return self.input_mean
 
     def match_checkpoint_shapes(self, prefix, state_dict):
         first = state_dict.get(f"{prefix}expert_embeddings_{self.link.identifiers[0]}")
@@ -209,11 +262,16 @@ class Router(ExtendableAddon):
             probs = retrieval_one_hot(hidden, self.prepared_vectors(), self.epsilon)
             self.global_hidden_dict[self.write_key] = probs
             return None
-        probs = routing.router_probs(hidden.float(), self.prepared_vectors(), self.routing_score_type, self.scaling_scores,
-                                     self.router_type, self.temperature)
+        mean = self.centring_mean()
+        scores = routing.router_scores(hidden.float(), self.prepared_vectors(), self.routing_score_type,
+                                       self.scaling_scores, self.temperature,
+                                       input_mean=None if mean is None else mean.float())
+        probs = routing.probs_from_scores(scores, self.router_type)
         self.global_hidden_dict[self.write_key] = probs
+        self.global_hidden_dict[self.scores_key] = scores
         if self.concatenate:
             self.global_hidden_dict.setdefault(self.write_key + ("concatenated",), []).append(probs)
+            self.global_hidden_dict.setdefault(self.scores_key + ("concatenated",), []).append(scores)
         return None
 
 

@@ -2,6 +2,10 @@
 
 For one linear layer with token activations x (..., d_in):
   1. score_i  = <standardise(x), standardise(g_i)> * sqrt(1/d_in)        ("original" score type)
+     or, with centring (beyond the paper, `input_mean` mu given):
+     score_i  = <standardise(x - mu), standardise(g_i)> * sqrt(1/d_in)
+     where mu (d_in) is the mean token activation of this layer measured on calibration data. Only the
+     scores see x - mu; the experts still take x.
   2. p        = softmax over the N experts                               ("smear" router type)
   3. keep the k largest p per token, optionally renormalised to sum to one
   4. dY       = sum_{j in top-k} p_j * (x @ layer1_j @ layer2_j) * scale
@@ -114,14 +118,27 @@ def _token_factor(x, score_type):
     return None
 
 
-def router_scores(x, prepared, score_type="original", scaling_scores=True, temperature=10.0, raw_scores=None):
+def router_scores(x, prepared, score_type="original", scaling_scores=True, temperature=10.0, raw_scores=None,
+                  input_mean=None):
     """Scores (..., N), float32 (float64 for float64 inputs), before the softmax.
 
     original: <standardise(x), standardise(g)>, cosine: <x/|x|, g/|g|>, dot: <x, g>, arrow: |<x, g> / temperature|;
     all times sqrt(1/d_in) if scaling_scores. `raw_scores` = x @ prepared^T if already computed (fused GEMM).
+    input_mean (d_in,): centring; every score is computed for x - input_mean instead of x (a precomputed
+    `raw_scores` is corrected by input_mean @ prepared^T, so the fused GEMM still serves). None: no centring,
+    and nothing is computed for it.
     """
     _check_score_type(score_type)
     d_in = x.shape[-1]
+    if input_mean is not None:
+        if tuple(input_mean.shape) != (d_in,):
+            raise ValueError(f"input_mean must have shape ({d_in},) like the token activations' last dim, "
+                             f"got {tuple(input_mean.shape)}.")
+        dtype = torch.promote_types(torch.promote_types(x.dtype, input_mean.dtype), torch.float32)
+        if raw_scores is not None:
+            raw_dtype = torch.promote_types(raw_scores.dtype, torch.float32)
+            raw_scores = raw_scores.to(raw_dtype) - F.linear(input_mean.to(raw_dtype), prepared.to(raw_dtype))
+        x = x.to(dtype) - input_mean.to(dtype)
     if raw_scores is None:
         dtype = torch.promote_types(x.dtype, prepared.dtype)
         raw_scores = F.linear(x.to(dtype), prepared.to(dtype))
@@ -136,21 +153,26 @@ def router_scores(x, prepared, score_type="original", scaling_scores=True, tempe
     return scores
 
 
-def router_probs(x, prepared, score_type="original", scaling_scores=True, router_type="smear", temperature=10.0,
-                 raw_scores=None):
-    """Routing probabilities (..., N) for tokens x (..., d_in) and prepared router vectors (N, d_in).
-
-    router_type "smear": softmax over experts; "top1": the softmax with every entry but the argmax zeroed
-    (not renormalised).
-    """
+def probs_from_scores(scores, router_type="smear"):
+    """Routing probabilities (..., N) from router scores: "smear" is the softmax over experts; "top1" the
+    softmax with every entry but the argmax zeroed (not renormalised)."""
     if router_type not in ROUTER_TYPES:
         raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}.")
-    scores = router_scores(x, prepared, score_type, scaling_scores, temperature, raw_scores)
     probs = torch.softmax(scores, dim=-1)
     if router_type == "top1":
         top = probs.argmax(dim=-1, keepdim=True)
         probs = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
     return probs
+
+
+def router_probs(x, prepared, score_type="original", scaling_scores=True, router_type="smear", temperature=10.0,
+                 raw_scores=None, input_mean=None):
+    """Routing probabilities (..., N) for tokens x (..., d_in) and prepared router vectors (N, d_in):
+    `probs_from_scores(router_scores(...))`."""
+    if router_type not in ROUTER_TYPES:
+        raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}.")
+    scores = router_scores(x, prepared, score_type, scaling_scores, temperature, raw_scores, input_mean)
+    return probs_from_scores(scores, router_type)
 
 
 def topk_weights(probs, k, normalize_topk, eps=1e-6):
@@ -304,27 +326,30 @@ def _chunked_lora(xf, layer1, layer2, indices, pair_weights, acc):
 
 
 def route_and_apply(x, prepared, layer1, layer2, k, normalize_topk, scale, score_type="original",
-                    scaling_scores=True, router_type="smear", temperature=10.0, raw_scores=None, out=None):
+                    scaling_scores=True, router_type="smear", temperature=10.0, raw_scores=None, out=None,
+                    input_mean=None):
     """router_probs + topk_weights + routed_lora. Returns (dY, probs); dY is out + dY if `out` is given
-    (see routed_lora), probs (..., N) can be recorded for analysis."""
-    probs = router_probs(x, prepared, score_type, scaling_scores, router_type, temperature, raw_scores)
+    (see routed_lora), probs (..., N) can be recorded for analysis. input_mean: centring of the scores only."""
+    probs = router_probs(x, prepared, score_type, scaling_scores, router_type, temperature, raw_scores, input_mean)
     indices, weights = topk_weights(probs, k, normalize_topk)
     return routed_lora(x, layer1, layer2, indices, weights, scale, out=out), probs
 
 
 def dense_reference(x, g, layer1, layer2, k, normalize_topk, scale, score_type="original", scaling_scores=True,
-                    router_type="smear", temperature=10.0):
-    """REFERENCE ONLY (tests): steps 1-5 done the slow, obvious way, every expert on every token."""
+                    router_type="smear", temperature=10.0, input_mean=None):
+    """REFERENCE ONLY (tests): steps 1-5 done the slow, obvious way, every expert on every token.
+    input_mean: the scores are those of x - input_mean (centring); the experts still see x."""
     d_in = x.shape[-1]
     n_experts = g.shape[0]
+    s = x if input_mean is None else x - input_mean
     if score_type == "original":
-        scores = F.layer_norm(x, (d_in,), eps=LAYER_NORM_EPS) @ F.layer_norm(g, (d_in,), eps=LAYER_NORM_EPS).T
+        scores = F.layer_norm(s, (d_in,), eps=LAYER_NORM_EPS) @ F.layer_norm(g, (d_in,), eps=LAYER_NORM_EPS).T
     elif score_type == "cosine":
-        scores = F.normalize(x, dim=-1, eps=COSINE_EPS) @ F.normalize(g, dim=-1, eps=COSINE_EPS).T
+        scores = F.normalize(s, dim=-1, eps=COSINE_EPS) @ F.normalize(g, dim=-1, eps=COSINE_EPS).T
     elif score_type == "dot":
-        scores = x @ g.T
+        scores = s @ g.T
     elif score_type == "arrow":
-        scores = torch.abs(x @ g.T / temperature)
+        scores = torch.abs(s @ g.T / temperature)
     else:
         raise ValueError(score_type)
     if scaling_scores:

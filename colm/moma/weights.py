@@ -2,8 +2,11 @@
 state-dict keys), or safetensors when the path ends in `.safetensors`.
 
 Writes are atomic (temporary file, then rename): an interrupted save never destroys an existing file.
-Loads use `weights_only=True`. Unexpected keys and shape mismatches are refused with a message that names
-them; missing keys are fine (a checkpoint holds only experts, gates and routers).
+Loads use `weights_only=True`. Refused, with a message that names them: unexpected keys, shape mismatches,
+NaN / Inf values (naming the module), an empty checkpoint, and expert tensors the model expects but the file
+lacks when nothing else would set them (a frozen model: the evaluation would run them at their initial
+values). Missing expert tensors that training will set are reported with their count. The frozen base
+model's own weights are never expected: a checkpoint holds only experts, gates and routers.
 """
 
 import glob
@@ -13,6 +16,7 @@ import re
 import gin
 import torch
 
+from colm.checkpoints import keys as K
 from colm.utils.atomic import atomic_path
 from colm.utils.paths import expand
 
@@ -27,10 +31,24 @@ def read_checkpoint(path: str) -> dict:
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt or truncated file, or a pickle that is not plain tensors
-        raise RuntimeError(f"Could not read checkpoint {path}: {error}. Is the file complete?") from error
+        raise RuntimeError(_unreadable_message(path, error)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RuntimeError(f"Checkpoint {path} is not a flat {{key: tensor}} dict.")
     return state
+
+
+def _unreadable_message(path: str, error: Exception) -> str:
+    """Why a checkpoint could not be read, without torch's advice to retry with weights_only=False (which
+    would run whatever code a crafted file carries)."""
+    size = os.path.getsize(path)
+    text = str(error)
+    if "weights_only" in text or "Unsupported global" in text or "Unpickl" in type(error).__name__:
+        return (f"Checkpoint {path} holds Python objects other than tensors; colm loads only plain "
+                "{key: tensor} files and never runs code from a checkpoint. Re-create it with colm "
+                "(save_weights or the checkpoint scripts), or convert it to safetensors in a trusted environment.")
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return (f"Could not read checkpoint {path} ({size} bytes): {first_line}. The file is truncated or corrupt "
+            "(e.g. a copy or a save that was interrupted): copy it again or re-run the stage that writes it.")
 
 
 def write_checkpoint(state: dict, path: str) -> None:
@@ -98,8 +116,69 @@ def _latest_numbered(path: str) -> str:
     return max(found)[1]
 
 
+def _module_of(key: str) -> str:
+    parsed = K.parse_indexed(key) or K.parse_lora(key) or K.parse_gate(key)
+    if parsed is None:
+        return key.rsplit(".", 1)[0]
+    return parsed.module if isinstance(parsed, K.IndexedKey) else parsed[0]
+
+
+def check_finite(state: dict, source: str) -> None:
+    """Refuses NaN / Inf values, naming the tensor and its module."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(
+                    f"{source}: {key} (module {_module_of(key)}) holds {bad} NaN/Inf value(s) of {value.numel()}; "
+                    "the run that wrote it diverged. Use an earlier checkpoint (weights.<step>.pt, or the run's "
+                    "best.pt) or retrain with a lower learning rate.")
+
+
+def _is_expert_tensor(key: str) -> bool:
+    """Keys of the tensors colm checkpoints carry: experts, routers, gates, plain LoRA factors."""
+    return K.parse_indexed(key) is not None or K.parse_lora(key) is not None or K.is_gate_key(key)
+
+
+def _trainable_pattern(model):
+    pattern = getattr(model, "trainable_params", None)
+    if pattern is None:  # during Model.__init__ (init moma calls) the flags are set afterwards
+        pattern = getattr(model, "requested_trainable_params", None)
+    if pattern is None or not hasattr(model, "to_regex"):
+        return None
+    return re.compile(model.to_regex(pattern))
+
+
+def check_missing(model, own: dict, state: dict, source: str) -> list:
+    """The expert tensors the model has but `state` lacks. Refused when the model will not train them (nothing
+    else would set them: they would run at their initial values); reported with their count otherwise."""
+    expected = [k for k in own if _is_expert_tensor(k)]
+    missing = [k for k in expected if k not in state]
+    if not missing:
+        return []
+    regex = _trainable_pattern(model)
+
+    def trained(key):
+        return regex is not None and (regex.fullmatch(key) or regex.fullmatch(re.sub(r"__\d+$", "", key)))
+
+    frozen = [k for k in missing if not trained(k)]
+    if frozen:
+        raise KeyError(
+            f"{source} lacks {len(frozen)} of the {len(expected)} expert tensors this model expects, e.g. {frozen[:3]}, "
+            "and nothing else sets them (they are not trained here): the model would run them at their initial "
+            "values. The file is incomplete, or it comes from another stage (e.g. a LoRA checkpoint before "
+            "put_index_to_lora, or a checkpoint without gates for FFNExperts.use_input_gate).")
+    print(f"[colm] {source}: {len(missing)} of the {len(expected)} expert tensors this model expects are not in it "
+          f"(e.g. {missing[0]}); they start from their initial values and are trained.")
+    return missing
+
+
 def load_state_into(model, state: dict, source: str) -> None:
     """Loads a flat state dict into model.torch_model, creating experts the checkpoint defines."""
+    if not state:
+        raise ValueError(f"{source} holds no tensors (an empty checkpoint): the model would run without its experts. "
+                         "Re-run the stage that writes it.")
+    check_finite(state, source)
     model.prepare_load(state)
     own = model.torch_model.state_dict()
     unexpected = [k for k in state if k not in own]
@@ -116,6 +195,7 @@ def load_state_into(model, state: dict, source: str) -> None:
             f"{source}: {len(wrong)} tensor(s) have the wrong shape, e.g. {key}: checkpoint {got}, model {want}. "
             "The checkpoint comes from a different model size or LoRA rank."
         )
+    check_missing(model, own, state, source)
     model.torch_model.load_state_dict(state, strict=False)
     model.after_load()
 
@@ -130,4 +210,6 @@ def load_weights(model, weight_path=gin.REQUIRED, scan_numbers=False, skip_if_no
         return
     state = read_checkpoint(path)
     load_state_into(model, state, path)
+    # Trainer.output_dir refuses to write a warm start into the directory of the checkpoint it started from.
+    model.loaded_from = [*getattr(model, "loaded_from", []), path]
     print(f"[colm] loaded {len(state)} tensors from {path}")

@@ -15,19 +15,20 @@ linear) is recorded too: it is the router input of the A1 decoder router.
 
 Run it through the evaluation path on a TRAIN split with the "gen" interface (reinit_router_embedding.sh
 does): `P/EVALUATE/Evaluator.analysis_processors = [@SaveAveragedHiddens()]`. Writes
-`<save_dir>/<dataset with / -> _>.pickle` = {module name: float32 numpy vector}.
+`<save_dir>/<dataset with / -> _>.safetensors` = {module name: float32 vector} (safetensors: loading it runs no
+code, unlike the original's pickle).
 """
-
-import pickle
 
 import gin
 import torch
+from safetensors.torch import save_file
 
 from colm.moma.moe import expert_count
 from colm.procedures.analysis import AnalysisProcessor, encoder_side, generated_token_mask
 from colm.utils.atomic import atomic_path
 
 FINAL_LAYER_NORM = "encoder_final_ln"  # module-name shortcut of the A1 decoder router's input
+HIDDENS_EXTENSION = ".safetensors"
 
 
 def decoder_token_weights(output_ids, eos_id, last_step_only=False):
@@ -125,10 +126,9 @@ class SaveAveragedHiddens(AnalysisProcessor):
     def dataset_process(self, dataset_name):
         if self.num_examples == 0:
             raise ValueError(f"SaveAveragedHiddens: dataset {dataset_name} had no examples to average over.")
-        means = {name: (total / self.num_examples).float().cpu().numpy() for name, total in self.sums.items()}
+        means = {name: (total / self.num_examples).float().cpu().contiguous() for name, total in self.sums.items()}
         self.sums, self.num_examples = {}, 0
-        path = self.path_for(dataset_name, ".pickle")
+        path = self.path_for(dataset_name, HIDDENS_EXTENSION)
         with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                pickle.dump(means, f)
+            save_file(means, tmp, metadata={"format": "colm averaged hiddens", "dataset": dataset_name})
         print(f"[colm] SaveAveragedHiddens: {len(means)} module averages -> {path}")

@@ -4,7 +4,9 @@ An epoch is planned up front as a list of (dataset index, example indices), from
 a generator seeded by (seed, epoch) only. So the batches of any epoch can be
 rebuilt exactly, and a resumed run can start at (epoch, batch index) without
 reading the skipped batches. Loading and collating run in a DataLoader (one item
-per planned batch, so workers, if any, build whole batches).
+per planned batch, so workers, if any, build whole batches) with its own seeded
+generator, so iterating never draws from torch's global RNG: the Trainer's resume
+(colm/procedures/resume.py) restores that RNG and continues bit for bit.
 """
 
 import collections
@@ -113,6 +115,9 @@ class _Batcher:
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=_identity,
+            # Its own generator: a DataLoader iterator otherwise draws its worker seed from torch's global RNG,
+            # so a resumed run (which starts an iterator mid-epoch) would see other dropout masks.
+            generator=self._generator(epoch),
         )
 
     def build(self, datasets):

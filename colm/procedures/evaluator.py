@@ -1,14 +1,20 @@
-"""Evaluator: scores every dataset, aggregates, saves results, tracks the best model (spec 5.3)."""
+"""Evaluator: scores every dataset, aggregates, saves results, tracks the best model (spec 5.3).
+
+When a Trainer validates with it (`Trainer.validate_procedure`), the Evaluator knows that Trainer: an evaluation
+run before training (train.gin's first P/EVALUATE) is recorded as "Before training (step 0)" in results.txt, not
+as final results, and is skipped when the Trainer resumes an interrupted run (the resumed model is not the
+untrained one, and the best score of the interrupted run is restored instead).
+"""
 
 import gin
 import torch
-from tqdm.auto import tqdm
 
 from colm.datasets.metrics import Scorer
 from colm.procedures.batchers import SingleTaskBatcher
 from colm.procedures.procedure import Procedure
 from colm.procedures.results import aggregate
 from colm.utils.logging import log_metrics
+from colm.utils.progress import progress
 
 
 @gin.configurable
@@ -26,7 +32,13 @@ class Evaluator(Procedure):
         self.higher_is_better = higher_is_better
         self.better_model_moma_calls = list(better_model_moma_calls)
         self.best_score = None
+        self.best_step = None  # the step whose model is in best.pt (0: before training), when known
         self.last_results = None
+        self.trainer = None
+
+    def attach_trainer(self, trainer):
+        """Called by a Trainer that validates with this Evaluator (Trainer.link)."""
+        self.trainer = trainer
 
     def late_init(self):
         seen, unique = set(), []
@@ -47,7 +59,7 @@ class Evaluator(Procedure):
     def evaluate_dataset(self, dataset) -> dict:
         scorer = Scorer(dataset.metrics)
         info = dataset.interface_info
-        for batch in tqdm(self.batcher.iterate([dataset], epoch=0), desc=f"{self.name} {dataset.name}",
+        for batch in progress(self.batcher.iterate([dataset], epoch=0), desc=f"{self.name} {dataset.name}",
                           total=-(-len(dataset) // dataset.batch_size), leave=False, dynamic_ncols=True):
             outputs = self.model(batch, info)
             if info.interface == "mc":
@@ -66,6 +78,14 @@ class Evaluator(Procedure):
         return values
 
     def run(self, step=None):
+        label = None
+        trainer = self.trainer
+        if step is None and trainer is not None and not trainer.done:
+            if trainer.resuming:
+                print(f"[colm] {self.name}: step-0 evaluation skipped: {trainer.name} resumes an interrupted run "
+                      f"({trainer.resume_from}), whose best score is restored.")
+                return self.last_results
+            label = "Before training (step 0)"
         self.model.eval()
         per_dataset = {}
         for dataset in self.datasets:
@@ -76,10 +96,15 @@ class Evaluator(Procedure):
         results = aggregate(per_dataset)
         if step is not None:
             results["step"] = step
+        elif label is not None:
+            results["step"] = 0
         print(f"[colm] {self.name} average_score: {results['average_score']}")
         log_metrics({self.name: results}, step if step is not None else self.model.global_step)
         if self.save_results is not None:
-            self.save_results(results, step=step)
+            if label is not None:
+                self.save_results(results, step=step, label=label)
+            else:
+                self.save_results(results, step=step)
         for processor in self.analysis_processors:
             processor.cross_dataset_process()
             processor.save(step)
@@ -87,6 +112,8 @@ class Evaluator(Procedure):
         better = self.best_score is None or (score >= self.best_score if self.higher_is_better else score <= self.best_score)
         if better and score is not None:
             self.best_score = score
+            # A final evaluation (no step) re-scores the weights already in best.pt: their step stays.
+            self.best_step = step if step is not None else (0 if label is not None else self.best_step)
             for call in self.better_model_moma_calls:
                 call(self.model)
         self.last_results = results

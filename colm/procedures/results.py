@@ -1,4 +1,5 @@
-"""Writing evaluation results: `results.txt` (final) or `results_in_training.txt` (during training)."""
+"""Writing evaluation results: `results.txt` (final, and the step-0 evaluation before training, labelled
+"Before training (step 0)") or `results_in_training.txt` (during training)."""
 
 import ast
 import os
@@ -10,11 +11,13 @@ from colm.utils.paths import expand
 
 
 @gin.configurable
-def save_results(results, save_dir=gin.REQUIRED, step=None, overwrite=False):
+def save_results(results, save_dir=gin.REQUIRED, step=None, overwrite=False, label=None):
+    """Appends (or with overwrite=True writes) one evaluation. label: the header in results.txt instead of
+    "Final results" (the Evaluator passes "Before training (step 0)" for the evaluation before training)."""
     save_dir = expand(save_dir, "save_results.save_dir")
     os.makedirs(save_dir, exist_ok=True)
     if step is None:
-        path, header = os.path.join(save_dir, "results.txt"), "Final results:"
+        path, header = os.path.join(save_dir, "results.txt"), f"{label or 'Final results'}:"
     else:
         path, header = os.path.join(save_dir, "results_in_training.txt"), f"Training step: {step}"
     with open(path, "w" if overwrite else "a") as f:

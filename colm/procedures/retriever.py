@@ -17,7 +17,6 @@ import os
 import gin
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from colm.checkpoints.manipulations import retrieval_library_file
 from colm.moma.embedder import DEFAULT_MODEL, embed_texts
@@ -25,6 +24,7 @@ from colm.moma.feature_extractor import example_text, parse_bool
 from colm.procedures.procedure import Procedure
 from colm.utils.atomic import atomic_path
 from colm.utils.paths import expand
+from colm.utils.progress import progress
 
 LIBRARY_SUFFIX = "_embeddings.npy"
 
@@ -95,7 +95,7 @@ class Retriever(Procedure):
 
     def write_libraries(self) -> dict:
         written = {}
-        for dataset in tqdm(self.datasets, desc=self.name, unit="dataset", dynamic_ncols=True):
+        for dataset in progress(self.datasets, desc=self.name, unit="dataset", dynamic_ncols=True):
             matrix = self.embed(dataset).numpy().astype(np.float32)
             path = self.library_file(train_scope(dataset.name))
             with atomic_path(path) as tmp:
@@ -117,7 +117,7 @@ class Retriever(Procedure):
         library = torch.cat(matrices)
         owner = torch.cat([torch.full((len(m),), i) for i, m in enumerate(matrices)])
         votes = {}
-        for dataset in tqdm(self.datasets, desc=self.name, unit="dataset", dynamic_ncols=True):
+        for dataset in progress(self.datasets, desc=self.name, unit="dataset", dynamic_ncols=True):
             queries = self.embed(dataset)
             if len(queries) == 0:
                 print(f"[colm] {self.name} {dataset.name}: no examples, skipped")

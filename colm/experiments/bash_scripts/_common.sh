@@ -45,6 +45,7 @@ model_gin_dir() {
 }
 
 # Every dataset registry there is (objects are built only when a scope is named, so this costs little).
+# The user's own registries come through -extra_gin_files (load_extra_gin_files below).
 dataset_registries() {
   local mt="${model_type:-${MODEL_TYPE:-t5xl}}"
   for name in p3 flanv2 bigbench; do
@@ -55,9 +56,41 @@ dataset_registries() {
   echo "colm/datasets/toy.gin"
 }
 
+# -extra_gin_files "a.gin b.gin" (every launcher): the user's own gin files, e.g. the `D/<SCOPE>/TRAIN|EVAL`
+# scopes of their tasks. Launchers parse them after their own gin files and before any binding, so they can
+# add scopes and override the launcher's files while -extra_bindings still win. Sets the array `extra_gin`
+# (paths separated by spaces, relative to the repository root); a missing file is an error.
+load_extra_gin_files() {
+  extra_gin=()
+  read -r -a extra_gin <<< "${extra_gin_files:-}"
+  local file
+  for file in "${extra_gin[@]}"; do
+    if [ ! -f "$file" ]; then
+      echo "$(basename "$0"): -extra_gin_files: no file '$file' (paths are relative to the repository root $COLM_ROOT)." >&2
+      exit 2
+    fi
+  done
+}
+
+# Runs colm.main and forwards SIGTERM / SIGINT / SIGHUP sent to the launcher, so that stopping the launcher (a
+# scheduler's preemption, kill <pid>) stops the run instead of leaving python writing on as an orphan. Python
+# turns the signal into a normal exit (colm/main.py); a re-run of the same command resumes the training.
 run_colm() {
   echo "[launcher] EXP_NAME=$EXP_NAME $PYTHON_EXEC -m colm.main $*" >&2
-  "$PYTHON_EXEC" -m colm.main "$@"
+  "$PYTHON_EXEC" -m colm.main "$@" &
+  _colm_child=$!
+  trap 'kill -TERM "$_colm_child" 2>/dev/null' TERM
+  trap 'kill -INT "$_colm_child" 2>/dev/null' INT
+  trap 'kill -HUP "$_colm_child" 2>/dev/null' HUP
+  local status=0
+  while :; do
+    status=0
+    wait "$_colm_child" || status=$?
+    # wait returns early (status > 128) when a trapped signal arrives; wait again until the child has ended.
+    kill -0 "$_colm_child" 2>/dev/null || break
+  done
+  trap - TERM INT HUP
+  return "$status"
 }
 
 # Router flags shared by the MoE launchers: -score_type, -scaling_scores, -elementwise_affine.

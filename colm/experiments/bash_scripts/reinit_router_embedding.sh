@@ -9,10 +9,11 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 exp_name="" dataset="" arch="A2" component="None" compute_hiddens="False" hiddens_suffix="_a2" model_type=""
-extra_bindings="" score_type="" scaling_scores="" elementwise_affine="" max_examples="1000"
-parse_flags "exp_name dataset arch component compute_hiddens hiddens_suffix model_type extra_bindings score_type scaling_scores elementwise_affine max_examples" "$@"
+extra_bindings="" extra_gin_files="" score_type="" scaling_scores="" elementwise_affine="" max_examples="1000"
+parse_flags "exp_name dataset arch component compute_hiddens hiddens_suffix model_type extra_bindings extra_gin_files score_type scaling_scores elementwise_affine max_examples" "$@"
 require_flags exp_name dataset
 model_dir="$(model_gin_dir)"
+load_extra_gin_files
 case "$arch" in
   A2) arch_gin="$model_dir/moe_lora_rank16_a2.gin" ;;
   A1) arch_gin="$model_dir/moe_lora_rank16_a1.gin" ;;
@@ -28,9 +29,10 @@ if [ "$compute_hiddens" = True ]; then
   # Dataset classes hand metrics and max_examples_per_dataset to the base class themselves, so those bindings
   # must name the class: read it from the scope's `build.cls = @<Class>` line in the registries.
   registries=$(dataset_registries)
-  dataset_class=$(sed -n "s|^$scope/build\.cls *= *@\([A-Za-z0-9_]*\).*|\1|p" $registries | tail -n 1)
+  dataset_class=$(sed -n "s|^$scope/build\.cls *= *@\([A-Za-z0-9_]*\).*|\1|p" $registries "${extra_gin[@]}" | tail -n 1)
   if [ -z "$dataset_class" ]; then
-    echo "$(basename "$0"): no '$scope/build.cls = @<Class>' line in $(echo $registries); check -dataset '$dataset'." >&2
+    echo "$(basename "$0"): no '$scope/build.cls = @<Class>' line in $(echo $registries "${extra_gin[@]}"); check -dataset '$dataset'" \
+      "(a scope of your own needs its gin file in -extra_gin_files)." >&2
     exit 2
   fi
   save_dir="exp_out/$exp_name/averaged_hiddens$hiddens_suffix"
@@ -39,7 +41,7 @@ if [ "$compute_hiddens" = True ]; then
   # so that the Evaluator runs the split (its score lands in $save_dir/results.txt, not the expert's).
   # No top-k: the expert is applied alone, at routing weight 1.
   EXP_NAME="$exp_name" run_colm \
-    --gin_files $registries "$model_dir/t5.gin" "$arch_gin" colm/experiments/eval.gin \
+    --gin_files $registries "$model_dir/t5.gin" "$arch_gin" colm/experiments/eval.gin "${extra_gin[@]}" \
     --gin_bindings "P/EVALUATE/Evaluator.datasets=\"$scope\"" "$scope/InterfaceInfo.interface=\"gen\"" \
       "$scope/$dataset_class.metrics=[\"exact_match\"]" "$scope/$dataset_class.max_examples_per_dataset=$max_examples" \
       'P/EVALUATE/Evaluator.analysis_processors=[@SaveAveragedHiddens()]' "SaveAveragedHiddens.save_dir=\"$save_dir\"" \

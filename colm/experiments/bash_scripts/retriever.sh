@@ -10,14 +10,17 @@
 #   bash colm/experiments/bash_scripts/retriever.sh -create_checkpoint True -dataset_setting Full
 #   bash colm/experiments/bash_scripts/retriever.sh -dataset_setting Full
 # -dataset_setting: P3, Flanv2, Niv2, Add1, All, Full, Toy, or a gin list of expert names
-# ('["ToyContainsa", "ToySort"]', which then needs -exp_name and -old_exp_name). Default names:
+# ('["ToyContainsa", "ToySort"]', which then needs -exp_name and -old_exp_name); names of your own are
+# "Name:SCOPE" or "Name" (scope = the name upper-cased without separators), with the gin file of their
+# D/<SCOPE>/TRAIN|EVAL scopes in -extra_gin_files (colm/checkpoints/expert_order.py). Default names:
 # old_exp_name <Setting>Complete<arch>_<model_type>_lora_concatenated, exp_name
-# <Setting>Complete[ans]retrieval_<model_type>_lora_concatenated. -extra_bindings go to the program the mode runs.
+# <Setting>Complete[ans]retrieval_<model_type>_lora_concatenated. -library_dir: the libraries' folder under exp_out/
+# (default elm_<dataset_length>_[ans_]minlm). -extra_bindings go to the program the mode runs.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 make_expert_library="False" create_checkpoint="False" dataset_setting="All" include_answer_choices="True"
-arch="A2" exp_name="" old_exp_name="" dataset_length="1000" model_type="" extra_bindings=""
-parse_flags "make_expert_library create_checkpoint dataset_setting include_answer_choices arch exp_name old_exp_name dataset_length model_type extra_bindings" "$@"
+arch="A2" exp_name="" old_exp_name="" dataset_length="1000" model_type="" extra_bindings="" extra_gin_files="" library_dir=""
+parse_flags "make_expert_library create_checkpoint dataset_setting include_answer_choices arch exp_name old_exp_name dataset_length model_type extra_bindings extra_gin_files library_dir" "$@"
 for flag in make_expert_library create_checkpoint include_answer_choices; do
   case "${!flag}" in
     True|False) ;;
@@ -37,10 +40,11 @@ if ! [[ "$dataset_length" =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 model_dir="$(model_gin_dir)"
+load_extra_gin_files
 mt="${model_type:-${MODEL_TYPE:-t5xl}}"
 ans=""
 [ "$include_answer_choices" = True ] && ans="ans"
-library="elm_${dataset_length}_${ans:+ans_}minlm"
+library="${library_dir:-elm_${dataset_length}_${ans:+ans_}minlm}"  # under exp_out/
 case "$dataset_setting" in
   \[*) setting="$dataset_setting"  # a gin list of expert names: no default checkpoint names
        if [ "$make_expert_library" = False ]; then require_flags exp_name; fi
@@ -52,7 +56,7 @@ esac
 
 if [ "$make_expert_library" = True ]; then
   EXP_NAME="$library" run_colm \
-    --gin_files $(dataset_registries) colm/experiments/retriever.gin \
+    --gin_files $(dataset_registries) colm/experiments/retriever.gin "${extra_gin[@]}" \
     --gin_bindings 'P/RETRIEVE/Retriever.datasets=@P/RETRIEVE/setting_scopes()' \
       "P/RETRIEVE/setting_scopes.setting=$setting" 'P/RETRIEVE/setting_scopes.split="TRAIN"' \
       "P/RETRIEVE/Retriever.include_answer_choices=$include_answer_choices" \
@@ -69,7 +73,7 @@ elif [ "$create_checkpoint" = True ]; then
 else
   # eval.gin first: the retriever model file replaces its init_moma_calls.
   EXP_NAME="$exp_name" run_colm \
-    --gin_files $(dataset_registries) "$model_dir/t5.gin" colm/experiments/eval.gin "$model_dir/moe_lora_retriever.gin" \
+    --gin_files $(dataset_registries) "$model_dir/t5.gin" colm/experiments/eval.gin "$model_dir/moe_lora_retriever.gin" "${extra_gin[@]}" \
     --gin_bindings 'P/EVALUATE/Evaluator.datasets=@P/EVALUATE/setting_scopes()' \
       "P/EVALUATE/setting_scopes.setting=$setting" \
       "M/MODEL/FeatureExtractor.include_answer_choices=$include_answer_choices" \

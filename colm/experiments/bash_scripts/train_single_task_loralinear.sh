@@ -5,12 +5,13 @@
 # Writes exp_out/<exp_name>/best.pt, finish.pt, results.txt, results_in_training.txt.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-exp_name="" dataset="" model_type="" extra_bindings=""
-parse_flags "exp_name dataset model_type extra_bindings" "$@"
+exp_name="" dataset="" model_type="" extra_bindings="" extra_gin_files=""
+parse_flags "exp_name dataset model_type extra_bindings extra_gin_files" "$@"
 require_flags exp_name dataset
 model_dir="$(model_gin_dir)"
+load_extra_gin_files
 EXP_NAME="$exp_name" run_colm \
   --gin_files $(dataset_registries) "$model_dir/t5.gin" colm/models/moe_lora_rank16.gin \
-    colm/experiments/train_single_task_loralinear.gin colm/experiments/wandb.gin \
+    colm/experiments/train_single_task_loralinear.gin colm/experiments/wandb.gin "${extra_gin[@]}" \
   --gin_bindings "P/TRAIN/Trainer.datasets=\"D/$dataset/TRAIN\"" "P/EVALUATE/Evaluator.datasets=\"D/$dataset/EVAL\"" \
     "$extra_bindings"
