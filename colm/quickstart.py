@@ -243,16 +243,18 @@ class Pipeline:
             message = f"[quickstart] {stage.name}: {time.time() - started:.0f}s"
         with lock:
             bar.update(1)
-            tqdm.write(f"{message} ({bar.n}/{bar.total} stages, {time.time() - self.started:.0f}s in all)")
+            self.finished += 1
+            tqdm.write(f"{message} ({self.finished}/{self.total} stages, {time.time() - self.started:.0f}s in all)")
 
     def run(self, jobs=2):
         os.makedirs(os.path.join(self.out, ".stages"), exist_ok=True)
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
         started = self.started = time.time()
         waves = self.waves()
+        self.finished, self.total = 0, sum(len(chain) for wave in waves for chain in wave)
         lock = threading.Lock()
         # On a terminal a bar with the stage count and ETA; in a log, one plain line per finished stage.
-        with progress(total=sum(len(chain) for wave in waves for chain in wave), desc="quickstart", unit="stage",
+        with progress(total=self.total, desc="quickstart", unit="stage",
                       dynamic_ncols=True) as bar:
             for wave in waves:
                 with ThreadPoolExecutor(max_workers=jobs) as pool:
