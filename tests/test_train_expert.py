@@ -40,6 +40,10 @@ def test_trained_expert_beats_untrained_model(in_tmp_repo, launch):
 def test_launcher_rejects_unknown_flag_and_missing_dataset(in_tmp_repo, launch):
     done = launch("train_single_task_loralinear.sh", "-exp_name", "x", "-datset", "Y", expect_ok=False)
     assert done.returncode == 2 and "unknown flag '-datset'" in done.stderr
+    # a repeated flag would drop the first copy's bindings (e.g. num_steps): refused before anything runs
+    done = launch("train_single_task_loralinear.sh", "-exp_name", "x", "-dataset", "TOYSENTIMENT", "-extra_bindings",
+                  "P/TRAIN/Trainer.num_steps=2", "-extra_bindings", "P/TRAIN/Trainer.overwrite=True", expect_ok=False)
+    assert done.returncode == 2 and "flag '-extra_bindings' is given twice" in done.stderr
     done = launch("train_single_task_loralinear.sh", "-exp_name", "x", "-dataset", "TOYNOPE", expect_ok=False)
     assert done.returncode != 0 and "D/TOYNOPE/TRAIN" in done.stderr
     assert not (in_tmp_repo / "exp_out/x/best.pt").exists()

@@ -130,8 +130,8 @@ class Trainer(Procedure):
             run_dir.release_lock(directory)
             raise run_dir.ExperimentDirError(
                 f"{self.name}: {directory} holds a finished training run ({finished}). Re-running it would replace "
-                "its best.pt. Choose another -exp_name, or bind P/TRAIN/Trainer.overwrite=True (e.g. -extra_bindings "
-                "'P/TRAIN/Trainer.overwrite=True') to train it again from step 0. Nothing was changed."
+                "its best.pt. Choose another -exp_name, or add the binding P/TRAIN/Trainer.overwrite=True (inside your "
+                "one -extra_bindings '...') to train it again from step 0. Nothing was changed."
             )
         elif os.path.exists(resume_file):
             self.resume_from = resume_file

@@ -52,6 +52,11 @@ def _disk_full(error: BaseException, directory: str) -> bool:
     return False
 
 
+def _disk_full_error(path, directory):
+    return OSError(errno.ENOSPC, f"No space left on device while writing {path} (free some space on the disk holding "
+                                 f"{directory}; the previous {os.path.basename(path)}, if any, is untouched)", path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yields a temporary path next to `path`; renames it onto `path` only if the block succeeds."""
@@ -61,9 +66,7 @@ def atomic_path(path: str):
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", dir=directory)
     except OSError as error:
         if _disk_full(error, directory):
-            raise OSError(errno.ENOSPC, f"No space left on device: cannot write {path} (free some space on the "
-                                        f"disk holding {directory}; the previous {os.path.basename(path)}, if any, "
-                                        "is untouched)", path) from error
+            raise _disk_full_error(path, directory) from error
         raise
     os.close(fd)
     try:
@@ -77,9 +80,7 @@ def atomic_path(path: str):
         fsync_directory(directory)
     except BaseException as error:
         if _disk_full(error, directory):
-            raise OSError(errno.ENOSPC, f"No space left on device while writing {path} (free some space on the disk "
-                                        f"holding {directory}; the previous {os.path.basename(path)}, if any, is "
-                                        "untouched)", path) from error
+            raise _disk_full_error(path, directory) from error
         raise
     finally:
         if os.path.exists(tmp):

@@ -6,9 +6,10 @@ if [ -z "${COLM_ROOT:-}" ]; then
 fi
 cd "$COLM_ROOT"
 
-# parse_flags "name1 name2 ..." "$@": sets $name for each `-name value`; an unknown flag is an error.
+# parse_flags "name1 name2 ..." "$@": sets $name for each `-name value`; an unknown or repeated flag is an error
+# (a second -extra_bindings would otherwise silently drop the first one's bindings).
 parse_flags() {
-  local known=" $1 "
+  local known=" $1 " seen=" "
   shift
   while [ $# -gt 0 ]; do
     local flag="${1#-}"
@@ -20,6 +21,11 @@ parse_flags() {
       echo "$(basename "$0"): flag '$1' needs a value." >&2
       exit 2
     fi
+    if [[ "$seen" == *" $flag "* ]]; then
+      echo "$(basename "$0"): flag '$1' is given twice; give it once (put all gin bindings in one -extra_bindings '...')." >&2
+      exit 2
+    fi
+    seen+="$flag "
     printf -v "$flag" '%s' "$2"
     shift 2
   done
