@@ -40,17 +40,22 @@ def capture(model, names):
     return seen
 
 
-@pytest.mark.parametrize("name", ["encoder.block.1.layer.1.DenseReluDense.wo", "decoder.block.0.layer.0.SelfAttention.q",
-                                  "decoder.block.1.layer.1.EncDecAttention.k", "decoder.block.0.layer.1.EncDecAttention.v"])
-def test_routed_output_equals_dense_reference(name):
-    model = build_model()
+def routed_io(model, name):
+    """(input, output, host, experts, router) of one routed linear on a random encoder-decoder pass."""
     seen = capture(model, [name])
     ids = torch.randint(3, 250, (3, 11))
     with torch.no_grad():
         model.torch_model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :5])
     x, y = seen[name]
     host = model.module(name)
-    experts, router = host._addons["expert_lora"], host._addons["router"]
+    return x, y, host, host._addons["expert_lora"], host._addons["router"]
+
+
+@pytest.mark.parametrize("name", ["encoder.block.1.layer.1.DenseReluDense.wo", "decoder.block.0.layer.0.SelfAttention.q",
+                                  "decoder.block.1.layer.1.EncDecAttention.k", "decoder.block.0.layer.1.EncDecAttention.v"])
+def test_routed_output_equals_dense_reference(name):
+    model = build_model()
+    x, y, host, experts, router = routed_io(model, name)
     expected = x @ host.weight.T + routing.dense_reference(
         x, router.expert_embeddings, experts.layer1, experts.layer2, k=2, normalize_topk=True, scale=1 / 16)
     assert (y - x @ host.weight.T).abs().max() > 1e-3  # the experts do contribute
@@ -163,13 +168,7 @@ def set_random_input_means(model, seed=3):
 def test_centred_routed_output_equals_dense_reference(name):
     model = build_model()
     means = set_random_input_means(model)
-    seen = capture(model, [name])
-    ids = torch.randint(3, 250, (3, 11))
-    with torch.no_grad():
-        model.torch_model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :5])
-    x, y = seen[name]
-    host = model.module(name)
-    experts, router = host._addons["expert_lora"], host._addons["router"]
+    x, y, host, experts, router = routed_io(model, name)
     args = (x, router.expert_embeddings, experts.layer1, experts.layer2)
     expected = x @ host.weight.T + routing.dense_reference(*args, k=2, normalize_topk=True, scale=1 / 16,
                                                            input_mean=means[name])
