@@ -530,6 +530,10 @@ def _block_routers(state: dict, what: str) -> dict:
     for (module, param), vectors in K.group(state).items():
         block = K.block_of(module)
         if param == K.EMBEDDINGS and block is not None and module != block:
+            sizes = sorted({tuple(v.shape) for v in vectors.values()})
+            if len(sizes) != 1:
+                raise ValueError(f"{what}: the router vectors of {module} have different shapes {sizes}; every "
+                                 "expert's router vector at a module must have the module's input size.")
             blocks.setdefault(block, []).append((module, vectors))
     if not blocks:
         raise ValueError(f"{what}: no router vectors inside encoder/decoder blocks (keys like "
@@ -538,6 +542,7 @@ def _block_routers(state: dict, what: str) -> dict:
 
 
 def _vector_size(vectors: dict) -> int:
+    """The size of a module's router vectors {expert index: vector} (one size: `_block_routers` checks it)."""
     return next(iter(vectors.values())).shape[0]
 
 
