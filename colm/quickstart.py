@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from colm.checkpoints.expert_order import TOY_NAMES, get_setting
-from colm.datasets.toy import HELD_OUT_TASKS, scope_name, task_format, task_of_scope
+from colm.datasets.settings import get_setting
+from colm.datasets.toy import HELD_OUT_TASKS, TOY_NAMES, scope_name, task_format, task_of_scope
+from colm.formats.layout import EXP_OUT, EXPERTS_FILE, RESULTS_FILE
 from colm.procedures.results import read_results
 from colm.utils.progress import progress
 from colm.utils.reproducible import set_reproducible_cpu_env
@@ -88,7 +89,7 @@ class Pipeline:
         self.held_in = get_setting(list(budget.held_in))  # name -> scope
         self.held_out = list(budget.held_out)
         self.eval_scopes = [f"D/{s}/EVAL" for s in self.held_in.values()] + [f"D/{s}/EVAL" for s in self.held_out]
-        self.out = os.path.join("exp_out", root)
+        self.out = os.path.join(EXP_OUT, root)
 
     # ----- bindings shared by the stages --------------------------------------------------------
     def data_bindings(self):
@@ -171,13 +172,12 @@ class Pipeline:
         stages += [Stage(f"evaluate {method}", [command]) for method, command in self.evaluations().items()]
         return stages
 
-    def eval_command(self, exp_name, extra="", routed=True):
-        return ["bash", f"{SCRIPTS}/eval_multitask.sh", "-exp_name", exp_name,
-                "-extra_bindings", f"{self.eval_bindings(routed)} {extra}".strip()]
+    def eval_command(self, exp_name, extra="", routed=True, arch=None):
+        """arch: eval_multitask.sh -arch (default A2); "single" evaluates a one-expert checkpoint alone."""
+        return (["bash", f"{SCRIPTS}/eval_multitask.sh", "-exp_name", exp_name] + (["-arch", arch] if arch else [])
+                + ["-extra_bindings", f"{self.eval_bindings(routed)} {extra}".strip()])
 
     def evaluations(self):
-        sentence = ("M/MODEL/ENCODER/ExposeHidden.reduction_method=\"masked_mean\" "
-                    "M/MODEL/DECODER/ExposeHidden.reduction_method=\"mean\" M/MODEL/FFNExperts.topk_value=None")
         d = {method: self.path(exp) for method, exp in METHOD_DIRS.items()}
         return {
             "PHATGOOSE": self.eval_command(d["PHATGOOSE"]),
@@ -186,8 +186,8 @@ class Pipeline:
             # experts_all: the experts concatenated with their average-activation router vectors.
             "Average Activation": self.eval_command(d["Average Activation"]),
             "Arrow": self.eval_command(d["Arrow"], 'M/MODEL/Router.score_type="arrow"'),
-            "Merged Experts": self.eval_command(d["Merged Experts"], sentence, routed=False),
-            "Multitask": self.eval_command(d["Multitask"], sentence, routed=False),
+            "Merged Experts": self.eval_command(d["Merged Experts"], routed=False, arch="single"),
+            "Multitask": self.eval_command(d["Multitask"], routed=False, arch="single"),
             "Base model": self.eval_command(d["Base model"], "M/MODEL/Model.init_moma_calls=[]", routed=False),
             "Retrieval": ["bash", f"{SCRIPTS}/retriever.sh", "-dataset_setting", _quote_list(list(self.held_in)),
                           "-dataset_length", str(self.budget.library_rows), "-exp_name", d["Retrieval"],
@@ -197,12 +197,10 @@ class Pipeline:
     def oracle_stage(self):
         """Each held-in task evaluated with its own expert alone."""
         commands = []
-        sentence = ("M/MODEL/ENCODER/ExposeHidden.reduction_method=\"masked_mean\" "
-                    "M/MODEL/DECODER/ExposeHidden.reduction_method=\"mean\" M/MODEL/FFNExperts.topk_value=None")
         for name, scope in self.held_in.items():
             commands.append(["bash", f"{SCRIPTS}/eval_multitask.sh", "-exp_name", self.path("moe", f"{name}_{SUFFIX}"),
-                             "-extra_bindings", f"{self.data_bindings()} P/EVALUATE/Evaluator.datasets=[\"D/{scope}/EVAL\"] "
-                             f"P/EVALUATE/save_results.overwrite=True {sentence}"])
+                             "-arch", "single", "-extra_bindings", f"{self.data_bindings()} "
+                             f"P/EVALUATE/Evaluator.datasets=[\"D/{scope}/EVAL\"] P/EVALUATE/save_results.overwrite=True"])
         return Stage("evaluate Oracle", commands)
 
     # ----- running ------------------------------------------------------------------------------
@@ -222,7 +220,7 @@ class Pipeline:
         return Stage("diagnose routing", [
             ["python", "scripts/analyze_routing.py", os.path.join(self.out, METHOD_DIRS[method], "routing_distribution"),
              # every method holds the same experts in the same order; only concatenation wrote their names
-             "--experts", os.path.join(self.out, METHOD_DIRS["PHATGOOSE"], "experts.json")]
+             "--experts", os.path.join(self.out, METHOD_DIRS["PHATGOOSE"], EXPERTS_FILE)]
             for method in ROUTED])
 
     def run_stage(self, stage, bar, lock):
@@ -273,10 +271,10 @@ class Pipeline:
         """{method: {scope: score}} from each method's results.txt (last entry)."""
         out = {}
         for method, exp in METHOD_DIRS.items():
-            out[method] = _last_scores(os.path.join(self.out, exp, "results.txt"))
+            out[method] = _last_scores(os.path.join(self.out, exp, RESULTS_FILE))
         oracle = {}
         for name in self.held_in:
-            oracle.update(_last_scores(os.path.join(self.out, "moe", f"{name}_{SUFFIX}", "results.txt")))
+            oracle.update(_last_scores(os.path.join(self.out, "moe", f"{name}_{SUFFIX}", RESULTS_FILE)))
         out["Oracle (own expert)"] = oracle
         return out
 

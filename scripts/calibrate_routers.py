@@ -21,33 +21,28 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ARCH_GINS = {"A2": "moe_lora_rank16_a2.gin", "A1": "moe_lora_rank16_a1.gin"}
 EVAL_DEFAULTS = ["M/MODEL/FFNExperts.topk_value=2", "M/MODEL/FFNExperts.normalize_topk=True"]
 
 
 def gin_setup(args):
     """(gin files, bindings) for the calibration run."""
-    from colm.datasets.info import default_registries
+    from colm.datasets.families import registry_files
+    from colm.models.model_gins import arch_gin, model_dir
 
     model_type = args.model_type or os.environ.get("MODEL_TYPE") or "t5xl"
-    model_dir = os.path.join("colm/models", model_type)
-    if not os.path.isdir(model_dir):
-        raise ValueError(f"--model_type {model_type!r}: no folder {model_dir} (run from the repository root; "
-                         "use t5xl or tiny).")
-    if args.arch not in ARCH_GINS:
-        raise ValueError(f"--arch must be one of {sorted(ARCH_GINS)}, got {args.arch!r}.")
+    models = model_dir(model_type)
+    arch_file = arch_gin(args.arch, model_type, allowed=("A2", "A1"))
     if bool(args.datasets) == bool(args.setting):
         raise ValueError("Give the calibration data with exactly one of --datasets D/<SCOPE>/TRAIN ... or "
                          "--setting <setting name or expert names>.")
     if args.setting:
-        from colm.checkpoints.expert_order import get_setting
+        from colm.datasets.settings import get_setting
 
         setting = args.setting[0] if len(args.setting) == 1 else list(args.setting)
         datasets = [f"D/{scope}/TRAIN" for scope in get_setting(setting, check_scopes=False).values()]
     else:
         datasets = list(args.datasets)
-    files = default_registries() + [os.path.join(model_dir, "t5.gin"), os.path.join(model_dir, ARCH_GINS[args.arch]),
-                                    "colm/experiments/calibrate.gin"]
+    files = registry_files(model_type) + [os.path.join(models, "t5.gin"), arch_file, "colm/experiments/calibrate.gin"]
     bindings = EVAL_DEFAULTS + [
         f"P/CALIBRATE/RouterCalibrator.datasets={json.dumps(datasets)}",
         f"P/CALIBRATE/RouterCalibrator.out_path={json.dumps(args.out_path)}",

@@ -1,11 +1,11 @@
 """Prints per dataset scope: examples, input/target token lengths (mean, p50, p95, max), the fraction
-truncated at max_length and the number of answer choices (logic in colm/datasets/info.py).
+truncated at max_length and the number of answer choices (logic in colm/tools/dataset_info.py).
 
     python scripts/get_dataset_info.py --scopes 'D/P3*/EVAL' --model_gin colm/models/t5xl/t5.gin
     python scripts/get_dataset_info.py --scopes D/TOYREVERSE/EVAL 'D/TOY*/TRAIN' --tokenizer byt5 --save
 
-Patterns use * ? [..] (a * also crosses "/"). The gin files default to the dataset registries that exist
-(p3_t5xl.gin, flanv2_t5xl.gin, bigbench.gin, toy.gin). Exits 1 if any dataset failed; the others are still
+Patterns use * ? [..] (a * also crosses "/"). The gin files default to the dataset registries of $MODEL_TYPE
+(colm.datasets.families: every colm/datasets/<family>.gin). Exits 1 if any dataset failed; the others are still
 reported.
 """
 
@@ -13,13 +13,14 @@ import argparse
 import os
 import sys
 
-from colm.datasets import info
+from colm.datasets.families import registry_files
+from colm.tools import dataset_info as info
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scopes", nargs="+", required=True, help="dataset scopes or patterns, e.g. 'D/P3*/EVAL'")
-    parser.add_argument("--gin_files", nargs="+", default=None, help="default: the dataset registries that exist")
+    parser.add_argument("--gin_files", nargs="+", default=None, help="default: the dataset registries of $MODEL_TYPE")
     parser.add_argument("--gin_bindings", nargs="*", default=[])
     parser.add_argument("--model_gin", default=None,
                         help="model gin file whose M/MODEL/hf_tokenizer to use "
@@ -34,9 +35,10 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="dataset_info")
     args = parser.parse_args(argv)
 
-    gin_files = list(args.gin_files) if args.gin_files is not None else info.default_registries()
+    model_type = os.environ.get("MODEL_TYPE") or "t5xl"
+    gin_files = list(args.gin_files) if args.gin_files is not None else registry_files(model_type)
     if args.tokenizer is None:
-        gin_files.append(args.model_gin or f"colm/models/{os.environ.get('MODEL_TYPE') or 't5xl'}/t5.gin")
+        gin_files.append(args.model_gin or f"colm/models/{model_type}/t5.gin")
     try:
         info.parse_config(gin_files, args.gin_bindings)
         tokenizer = info.load_tokenizer(args.tokenizer)

@@ -1,4 +1,4 @@
-"""Offline checkpoint surgery (colm/checkpoints/manipulations.py) from the command line.
+"""Offline checkpoint surgery (the gin-configurable functions of colm/checkpoints/) from the command line.
 
     python scripts/manipulations.py --gin_bindings 'func_caller.func=@put_index_to_lora' \
         'put_index_to_lora.path="P3Socialiqa_t5xl_lora"' \

@@ -52,13 +52,11 @@ def in_tmp_repo(tmp_path, monkeypatch):
 
 def write_random_moe_checkpoint(path, n_experts=2):
     """A tiny-T5 MoE checkpoint (rank-16 experts and routers at every linear) with random values."""
+    from colm.formats.checkpoint_io import write_checkpoint
     from colm.ginparse import parse_gin
     from colm.moma.moe import extend_moe
-    from colm.moma.weights import write_checkpoint
 
-    parse_gin(["colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16_a2.gin"],
-              ['M/MODEL/Model.init_moma_calls=[@M/MODEL/ENCODER/watch_hiddens, @M/MODEL/DECODER/watch_hiddens, '
-               '@M/MODEL/ENCODER/make_moe, @M/MODEL/DECODER/make_moe]', "M/MODEL/Model.device='cpu'"])
+    parse_gin(["colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16_a2.gin"], ["M/MODEL/Model.device='cpu'"])
     model = registry.get_object("M/MODEL")
     extend_moe(model, num_new_experts=n_experts)
     generator = torch.Generator().manual_seed(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer
 
-from colm.datasets import Dataset
+from colm.datasets.dataset import Dataset
 from colm.procedures.batchers import MultiTaskBatcher, SingleTaskBatcher, dataset_probabilities
 
 

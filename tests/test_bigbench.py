@@ -379,6 +379,7 @@ BBLITE_RUN = ["BBKNOWNUNKNOWNS", "BBNOVELCONCEPTS", "BBOPERATORS"]
 BBH_RUN = ["BBLOGICALDEDUCTION", "BBOBJECTCOUNTING", "BBSNARKS"]
 
 
+@pytest.mark.slow
 @needs_package
 def test_eval_multitask_on_bigbench_tasks_from_the_package(in_tmp_repo):
     write_random_moe_checkpoint(in_tmp_repo / "exp_out" / "bbtiny" / "best.pt")

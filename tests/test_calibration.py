@@ -10,16 +10,14 @@ import pytest
 import torch
 
 from colm import registry
-from colm.checkpoints.experts_file import write_experts_file
 from colm.datasets.dataset import Dataset
+from colm.formats.experts_file import write_experts_file
 from colm.ginparse import parse_gin
 from colm.moma.moe import extend_moe
 from colm.procedures import calibration
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOE = ['M/MODEL/Model.init_moma_calls=[@M/MODEL/ENCODER/watch_hiddens, @M/MODEL/DECODER/watch_hiddens, '
-       '@M/MODEL/ENCODER/make_moe, @M/MODEL/DECODER/make_moe]', "M/MODEL/FFNExperts.topk_value=2",
-       "M/MODEL/FFNExperts.normalize_topk=True", "M/MODEL/Model.device='cpu'"]
+MOE = ["M/MODEL/FFNExperts.topk_value=2", "M/MODEL/FFNExperts.normalize_topk=True", "M/MODEL/Model.device='cpu'"]
 WATCHED = {"encoder.block.1.layer.0.SelfAttention.v": "encoder", "decoder.block.0.layer.1.EncDecAttention.k": "encoder",
            "decoder.block.1.layer.2.DenseReluDense.wi_0": "decoder", "decoder.block.0.layer.1.EncDecAttention.q": "decoder"}
 
@@ -143,7 +141,8 @@ def toy_train_scopes(n=2):
 def test_calibrate_routers_command_end_to_end(in_tmp_repo, monkeypatch, capsys):
     from conftest import write_random_moe_checkpoint
 
-    from colm.moma.weights import load_weights, read_checkpoint
+    from colm.formats.checkpoint_io import read_checkpoint
+    from colm.moma.weights import load_weights
 
     scopes = toy_train_scopes()
     source = in_tmp_repo / "exp_out" / "moe" / "best.pt"

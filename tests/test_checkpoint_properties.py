@@ -12,9 +12,17 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from colm.checkpoints import keys as K  # noqa: E402
-from colm.checkpoints import manipulations as M  # noqa: E402
+from colm.checkpoints import (  # noqa: E402
+    blocks,
+    decoder_router,
+    experts,
+    gates,
+    merging,
+    router_from_weights,
+    router_vectors,
+)
 from colm.checkpoints.concatenate import concatenate_states  # noqa: E402
+from colm.formats import keys as K  # noqa: E402
 
 D_MODEL, D_FF, VOCAB = 4, 6, 5
 # (module, d_in, d_out): a few linears of a two-block T5 encoder and decoder.
@@ -108,28 +116,29 @@ def _in_encoder_block_0(key):
 
 # name -> (call on a state, predicate of the keys the function may change or drop)
 OPERATIONS = {
-    "use_input_gate_as_router": (M.use_input_gate_as_router_state, K.is_router_key),
-    "use_input_gate_in_router_and_expert": (M.use_input_gate_in_router_and_expert_state,
+    "use_input_gate_as_router": (gates.use_input_gate_as_router_state, K.is_router_key),
+    "use_input_gate_in_router_and_expert": (gates.use_input_gate_in_router_and_expert_state,
                                             lambda k: K.parse_indexed(k) is not None),
-    "delete_expert_input_gate": (M.delete_expert_input_gate_state, K.is_gate_key),
-    "concatenate_two_checkpoints": (lambda s: M.concatenate_two_checkpoints_state(s, s, K.expert_count(s)),
+    "delete_expert_input_gate": (gates.delete_expert_input_gate_state, K.is_gate_key),
+    "concatenate_two_checkpoints": (lambda s: experts.concatenate_two_checkpoints_state(s, s, K.expert_count(s)),
                                     lambda k: False),
-    "create_router_embeddings": (lambda s: M.create_router_embeddings_state(s, [".*"]), K.is_router_key),
-    "delete_router_embeddings": (M.delete_router_embeddings_state, K.is_router_key),
-    "add_router_embeddings": (lambda s: M.add_router_embeddings_state([s, s]), K.is_router_key),
+    "create_router_embeddings": (lambda s: router_vectors.create_router_embeddings_state(s, [".*"]), K.is_router_key),
+    "delete_router_embeddings": (router_vectors.delete_router_embeddings_state, K.is_router_key),
+    "add_router_embeddings": (lambda s: router_vectors.add_router_embeddings_state([s, s]), K.is_router_key),
     "create_router_embeddings_from_weights": (
-        lambda s: M.create_router_embeddings_from_weights_state(s, "top1_eigen_weighted_vector"), K.is_router_key),
-    "make_one_router_decoder": (M.make_one_router_decoder_state, _is_decoder_router),
-    "make_a_specific_checkpoint": (lambda s: M.make_a_specific_checkpoint_state(s, s), _is_decoder_router),
-    "normalize_expert_weights": (lambda s: M.normalize_expert_weights_state(s, norm_value=0.5), K.is_expert_key),
-    "merge_into_blocks": (M.merge_into_blocks_state, K.is_router_key),
-    "make_router_blockwise": (M.make_router_blockwise_state, K.is_router_key),
-    "skip_blocks": (lambda s: M.skip_blocks_state(s, 0), _in_encoder_block_0),
-    "skip_alternate": (lambda s: M.skip_alternate_state(s, True),
+        lambda s: router_from_weights.create_router_embeddings_from_weights_state(s, "top1_eigen_weighted_vector"),
+        K.is_router_key),
+    "make_one_router_decoder": (decoder_router.make_one_router_decoder_state, _is_decoder_router),
+    "make_a_specific_checkpoint": (lambda s: decoder_router.make_a_specific_checkpoint_state(s, s), _is_decoder_router),
+    "normalize_expert_weights": (lambda s: experts.normalize_expert_weights_state(s, norm_value=0.5), K.is_expert_key),
+    "merge_into_blocks": (blocks.merge_into_blocks_state, K.is_router_key),
+    "make_router_blockwise": (blocks.make_router_blockwise_state, K.is_router_key),
+    "skip_blocks": (lambda s: blocks.skip_blocks_state(s, 0), _in_encoder_block_0),
+    "skip_alternate": (lambda s: blocks.skip_alternate_state(s, True),
                        lambda k: not K.is_embedding_key(k) and ".DenseReluDense." not in k),
-    "svd_orthogonalize_router": (M.svd_orthogonalize_router_state, K.is_router_key),
-    "average_lora_weights": (M.average_lora_weights_state, lambda k: not K.is_embedding_key(k)),
-    "average_outer_product_lora_weights": (M.average_outer_product_lora_weights_state,
+    "svd_orthogonalize_router": (router_vectors.svd_orthogonalize_router_state, K.is_router_key),
+    "average_lora_weights": (merging.average_lora_weights_state, lambda k: not K.is_embedding_key(k)),
+    "average_outer_product_lora_weights": (merging.average_outer_product_lora_weights_state,
                                            lambda k: not K.is_embedding_key(k)),
     "concatenate": (lambda s: concatenate_states([("expert.pt", s), ("expert.pt", s)]), lambda k: True),
 }
@@ -172,7 +181,7 @@ def test_surgery_keeps_untouched_keys_or_refuses_clearly(name, state):
 @given(state=lora_checkpoints())
 def test_put_index_to_lora_keeps_embeddings_and_computes_the_same_update(state):
     try:
-        out = M.put_index_to_lora_state(state)
+        out = experts.put_index_to_lora_state(state)
     except EXPECTED as error:
         assert "put_index_to_lora" in str(error)
         return

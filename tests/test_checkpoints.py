@@ -1,4 +1,4 @@
-"""Checkpoint surgery on synthetic tensors: key formats, expert order, manipulations, concatenation, CLIs."""
+"""Checkpoint surgery on synthetic tensors: key formats, the surgery modules, concatenation, CLIs."""
 
 import inspect
 import os
@@ -10,11 +10,21 @@ import numpy as np
 import pytest
 import torch
 
+from colm.checkpoints import (
+    blocks,
+    decoder_router,
+    experts,
+    gates,
+    merging,
+    retrieval,
+    router_from_weights,
+    router_vectors,
+)
 from colm.checkpoints import concatenate as C
-from colm.checkpoints import keys as K
-from colm.checkpoints import manipulations as M
-from colm.checkpoints.expert_order import SETTINGS, get_setting, scope_of
-from colm.moma.weights import read_checkpoint, write_checkpoint
+from colm.formats import keys as K
+from colm.formats import layout
+from colm.formats.checkpoint_io import read_checkpoint, write_checkpoint
+from colm.models import architecture as A
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = 4
@@ -56,7 +66,7 @@ def moe_state(n_experts=1, seed=0, gates=False, rank=R):
 @pytest.fixture
 def exp_out(tmp_path, monkeypatch):
     root = tmp_path / "exp_out"
-    monkeypatch.setattr(M, "EXP_OUT", str(root))
+    monkeypatch.setattr(layout, "EXP_OUT", str(root))
     return root
 
 
@@ -80,44 +90,9 @@ def test_key_parsing_round_trips():
     assert K.parse_indexed("x._addons.router.layer1__0") is None  # layer1 lives in expert_lora, not router
     assert K.parse_indexed("x._addons.expert_lora.expert_input_gate") is None
     assert K.is_input_gate_key("x._addons.expert_lora.expert_input_gate")
-    assert K.block_of("decoder.block.2.layer.1.EncDecAttention.k") == "decoder.block.2"
+    assert A.block_of("decoder.block.2.layer.1.EncDecAttention.k") == "decoder.block.2"
     with pytest.raises(ValueError, match="missing \\[1\\]"):
         K.check_contiguous([0, 2], "test")
-
-
-# ------------------------------------------------------------------------------------------------ settings
-
-
-def test_settings_counts_order_and_scopes():
-    counts = {name: len(SETTINGS[name]) for name in ("P3", "Flanv2", "Niv2", "Add1", "All", "Full", "P3flanv2", "Toy")}
-    assert counts == {"P3": 36, "Flanv2": 36, "Niv2": 75, "Add1": 19, "All": 147, "Full": 166, "P3flanv2": 72,
-                      "Toy": 8}
-    full = list(get_setting("Full"))
-    assert full[0] == "P3Agnews" and full[35] == "P3Dbpedia14" and full[36] == "Flanv2zsAi2arceasy"
-    assert full[72] == "Niv2zsTranslation" and full[146] == "Niv2zsMisc"
-    assert full[147] == "P3Wscfixed" and full[153] == "P3Webquestions" and full[154] == "Flanv2zsQrecc"
-    assert full[165] == "Flanv2zsWmt14translatefren"
-    assert full[:147] == list(get_setting("All")) and len(set(full)) == 166
-    assert get_setting("Full")["P3Agnews"] == "P3AGNEWS"
-    assert get_setting("Full")["Flanv2zsAi2arceasy"] == "FLANV2AI2ARCEASY/ZS"
-    assert get_setting("Full")["Niv2zsTranslation"] == "NIV2TRANSLATION/ZS"
-    assert get_setting("Add1")["P3Wscfixed"] == "P3WSCFIXED"
-    assert scope_of("ToyTopic") == "TOYTOPIC"
-    toy_gin = open(os.path.join(REPO_ROOT, "colm/datasets/toy.gin")).read()
-    assert all(f"D/{scope}/TRAIN" in toy_gin for scope in get_setting("Toy").values())
-
-
-def test_get_setting_lists_and_errors():
-    chosen = get_setting(["ToySummary", "P3Copa", "Niv2zsMisc"])
-    assert list(chosen.items()) == [("ToySummary", "TOYSUMMARY"), ("P3Copa", "P3COPA"), ("Niv2zsMisc", "NIV2MISC/ZS")]
-    get_setting("Full")["P3Agnews"] = "changed"  # a copy: the shared table stays intact
-    assert get_setting("Full")["P3Agnews"] == "P3AGNEWS"
-    with pytest.raises(ValueError, match="P3Agnews"):
-        get_setting(["P3Agnew"])
-    with pytest.raises(ValueError, match="Full"):
-        get_setting("Ful")
-    with pytest.raises(ValueError, match="more than once"):
-        get_setting(["ToySummary", "ToySummary"])
 
 
 # ------------------------------------------------------------------------------------------------ stage 1b, gates
@@ -125,7 +100,7 @@ def test_get_setting_lists_and_errors():
 
 def test_put_index_to_lora_transposes_and_keeps_the_update():
     state = lora_state()
-    out = M.put_index_to_lora_state(state)
+    out = experts.put_index_to_lora_state(state)
     x = torch.randn(5, 12, dtype=torch.float64)
     for m, (d_in, d_out) in DIMS.items():
         a, b = state[K.lora_key(m, "a")], state[K.lora_key(m, "b")]
@@ -139,32 +114,32 @@ def test_put_index_to_lora_transposes_and_keeps_the_update():
     assert torch.equal(out["encoder.embed_tokens.weight"], EMBED["encoder.embed_tokens.weight"])
     assert len(out) == 2 + 3 * len(DIMS)
     with pytest.raises(ValueError, match="already in the MoE format"):
-        M.put_index_to_lora_state(out)
+        experts.put_index_to_lora_state(out)
     half = dict(state)
     del half[K.lora_key("encoder.block.0.layer.0.SelfAttention.q", "b")]
     with pytest.raises(ValueError, match="expert_lora_b is missing"):
-        M.put_index_to_lora_state(half)
+        experts.put_index_to_lora_state(half)
 
 
 def test_use_input_gate_as_router_copies_the_gate(exp_out):
     state = moe_state(gates=True)
     write(state, exp_out, "datasets_concatenated/ToySummary_lora_gate")
-    M.use_input_gate_as_router("datasets_concatenated/ToySummary_lora_gate")  # in place
+    gates.use_input_gate_as_router("datasets_concatenated/ToySummary_lora_gate")  # in place
     out = read(exp_out, "datasets_concatenated/ToySummary_lora_gate")
     for m in DIMS:
         assert torch.equal(out[K.router_key(m, 0)], state[K.gate_key(m)])
         assert not torch.equal(out[K.router_key(m, 0)], state[K.router_key(m, 0)])
         assert torch.equal(out[K.gate_key(m)], state[K.gate_key(m)])  # the gate stays
     with pytest.raises(ValueError, match="expert_input_gate"):
-        M.use_input_gate_as_router_state(moe_state())
+        gates.use_input_gate_as_router_state(moe_state())
     two = moe_state(n_experts=2, gates=True)
     with pytest.raises(ValueError, match="one-expert"):
-        M.use_input_gate_as_router_state(two)
+        gates.use_input_gate_as_router_state(two)
 
 
 def test_use_input_gate_in_router_and_expert_prepends_the_gate():
     state = moe_state(gates=True)
-    out = M.use_input_gate_in_router_and_expert_state(state)
+    out = gates.use_input_gate_in_router_and_expert_state(state)
     x = torch.randn(3, 12)
     for m, (d_in, d_out) in DIMS.items():
         gate, layer1, layer2 = state[K.gate_key(m)], out[K.layer1_key(m, 0)], out[K.layer2_key(m, 0)]
@@ -177,7 +152,7 @@ def test_use_input_gate_in_router_and_expert_prepends_the_gate():
 
 def test_delete_expert_input_gate_in_place(exp_out):
     write(moe_state(gates=True), exp_out, "g")
-    M.delete_expert_input_gate("g")
+    gates.delete_expert_input_gate("g")
     out = read(exp_out, "g")
     assert not any(K.is_gate_key(k) for k in out) and len(out) == 2 + 3 * len(DIMS)
 
@@ -192,7 +167,7 @@ def write_experts(exp_out, names=NAMES, suffix="lora_gate"):
     for seed, name in enumerate(names):
         states[name] = moe_state(seed=seed + 1, gates=True)
         states[name]["encoder.embed_tokens.weight"] = torch.full((10, 8), float(seed))
-        write(states[name], exp_out, C.expert_path(name, suffix))
+        write(states[name], exp_out, layout.expert_path(name, suffix))
     return states
 
 
@@ -244,7 +219,7 @@ def test_run_concatenate_refuses_bad_input_and_keeps_the_old_output(exp_out, cor
     before = (exp_out / "ToyComplete/best.pt").read_bytes()
     bad = states["ToyReverse"]
     corrupt(bad)
-    write(bad, exp_out, C.expert_path("ToyReverse", "lora_gate"))
+    write(bad, exp_out, layout.expert_path("ToyReverse", "lora_gate"))
     with pytest.raises(ValueError, match=message):
         C.run_concatenate(datasets=NAMES, suffix="lora_gate", out_path="ToyComplete")
     assert (exp_out / "ToyComplete/best.pt").read_bytes() == before
@@ -272,22 +247,22 @@ def test_run_concatenate_print_commands():
         "-extra_bindings 'M/MODEL/ENCODER/ExposeHidden.reduction_method=\"masked_mean\"'"
     )
     with pytest.raises(ValueError, match="True or False"):
-        C.run_concatenate(datasets="Toy", print_commands=True, compute_hiddens="false")
+        C.run_concatenate(datasets="Toy", print_commands=True, compute_hiddens="maybe")
     with pytest.raises(ValueError, match="datasets is empty"):
         C.run_concatenate(datasets=())
 
 
 def test_concatenate_two_checkpoints_shifts_indices():
     one, two = moe_state(n_experts=2, seed=1), moe_state(n_experts=1, seed=2)
-    out = M.concatenate_two_checkpoints_state(one, two, index=2)
+    out = experts.concatenate_two_checkpoints_state(one, two, index=2)
     m = "encoder.block.1.layer.0.SelfAttention.q"
     assert K.expert_indices(out) == [0, 1, 2]
     assert torch.equal(out[K.layer1_key(m, 2)], two[K.layer1_key(m, 0)])
     assert torch.equal(out[K.layer1_key(m, 1)], one[K.layer1_key(m, 1)])
     with pytest.raises(ValueError, match="index=2"):
-        M.concatenate_two_checkpoints_state(one, two, index=1)
+        experts.concatenate_two_checkpoints_state(one, two, index=1)
     with pytest.raises(ValueError, match="without gaps"):
-        M.concatenate_two_checkpoints_state(one, two, index=3)
+        experts.concatenate_two_checkpoints_state(one, two, index=3)
 
 
 # ------------------------------------------------------------------------------------------------ merging
@@ -300,9 +275,9 @@ def dense_update(layer1, layer2):
 def test_outer_product_merge_is_the_mean_update_and_factor_average_is_not(exp_out):
     state = moe_state(n_experts=3, seed=7)
     write(state, exp_out, "ToyComplete")
-    M.average_outer_product_lora_weights("ToyComplete", "ToyMerged")
+    merging.average_outer_product_lora_weights("ToyComplete", "ToyMerged")
     merged = read(exp_out, "ToyMerged")
-    factors = M.average_lora_weights_state(state)
+    factors = merging.average_lora_weights_state(state)
     x = torch.randn(6, 12, dtype=torch.float64)
     for m, (d_in, d_out) in DIMS.items():
         expected = x[:, :d_in] @ sum(dense_update(state[K.layer1_key(m, i)], state[K.layer2_key(m, i)])
@@ -318,19 +293,19 @@ def test_outer_product_merge_is_the_mean_update_and_factor_average_is_not(exp_ou
     for out in (merged, factors):
         assert K.expert_indices(out) == [0] and "decoder.embed_tokens.weight" in out
     with pytest.raises(ValueError, match="unexpected key"):
-        M.average_outer_product_lora_weights_state(moe_state(gates=True))
+        merging.average_outer_product_lora_weights_state(moe_state(gates=True))
 
 
 def test_normalize_expert_weights_caps_norms():
     state = moe_state(n_experts=2)
-    out = M.normalize_expert_weights_state(state, index=1, norm_value=1.0, keys_to_ignore=("wo",))
+    out = experts.normalize_expert_weights_state(state, index=1, norm_value=1.0, keys_to_ignore=("wo",))
     m = "encoder.block.0.layer.0.SelfAttention.q"
     assert torch.isclose(out[K.layer1_key(m, 1)].norm(), torch.tensor(1.0))
     assert torch.equal(out[K.layer1_key(m, 0)], state[K.layer1_key(m, 0)])  # other index untouched
     wo = "encoder.block.0.layer.1.DenseReluDense.wo"
     assert torch.equal(out[K.layer1_key(wo, 1)], state[K.layer1_key(wo, 1)])  # ignored key
     with pytest.raises(ValueError, match="norm_value"):
-        M.normalize_expert_weights_state(state)
+        experts.normalize_expert_weights_state(state)
 
 
 # ------------------------------------------------------------------------------------------------ router vectors
@@ -338,9 +313,9 @@ def test_normalize_expert_weights_caps_norms():
 
 def test_arrow_router_vector_is_the_top_left_singular_vector():
     state = moe_state(n_experts=2, seed=3)
-    out = M.create_router_embeddings_from_weights_state(state, "top1_eigen_weighted_vector")
-    weighted = M.create_router_embeddings_from_weights_state(state, "eigen_weighted_vector")
-    simple = M.create_router_embeddings_from_weights_state(state, "simple")
+    out = router_from_weights.create_router_embeddings_from_weights_state(state, "top1_eigen_weighted_vector")
+    weighted = router_from_weights.create_router_embeddings_from_weights_state(state, "eigen_weighted_vector")
+    simple = router_from_weights.create_router_embeddings_from_weights_state(state, "simple")
     for m in DIMS:
         for i in range(2):
             layer1, layer2 = state[K.layer1_key(m, i)], state[K.layer2_key(m, i)]
@@ -354,15 +329,15 @@ def test_arrow_router_vector_is_the_top_left_singular_vector():
             torch.testing.assert_close(weighted[K.router_key(m, i)].double(), expected, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(simple[K.router_key(m, i)], layer1.mean(dim=1))
     with pytest.raises(NotImplementedError, match="base weight"):
-        M.create_router_embeddings_from_weights_state(state, "backbone_eigen_weighted_vector")
+        router_from_weights.create_router_embeddings_from_weights_state(state, "backbone_eigen_weighted_vector")
     with pytest.raises(ValueError, match="unknown method_type"):
-        M.create_router_embeddings_from_weights_state(state, "top2")
+        router_from_weights.create_router_embeddings_from_weights_state(state, "top2")
 
 
 def test_svd_orthogonalize_router_keeps_norms_and_orthogonalises(exp_out):
     state = moe_state(n_experts=3, seed=5)
     write(state, exp_out, "ToyComplete")
-    M.svd_orthogonalize_router("ToyComplete", "ToyOrth")
+    router_vectors.svd_orthogonalize_router("ToyComplete", "ToyOrth")
     out = read(exp_out, "ToyOrth")
     for m in DIMS:
         before = torch.stack([state[K.router_key(m, i)] for i in range(3)]).double()
@@ -373,56 +348,56 @@ def test_svd_orthogonalize_router_keeps_norms_and_orthogonalises(exp_out):
         assert not torch.allclose(after, before, atol=1e-3)
     too_many = moe_state(n_experts=9)
     with pytest.raises(ValueError, match="at most as many vectors"):
-        M.svd_orthogonalize_router_state(too_many)
+        router_vectors.svd_orthogonalize_router_state(too_many)
 
 
 def test_create_delete_and_add_router_embeddings():
     state = moe_state(n_experts=2)
-    created = M.create_router_embeddings_state(state, ["encoder_linear"])
+    created = router_vectors.create_router_embeddings_state(state, ["encoder_linear"])
     assert K.router_modules(created) == [m for m in DIMS if m.startswith("encoder.")]
     assert all(torch.equal(created[K.router_key(m, 1)], torch.zeros(DIMS[m][0])) for m in K.router_modules(created))
     with pytest.raises(ValueError, match="no module with experts"):
-        M.create_router_embeddings_state(state, ["nothing"])
-    assert K.router_modules(M.delete_router_embeddings_state(state)) == []
-    summed = M.add_router_embeddings_state([state, state, state])
+        router_vectors.create_router_embeddings_state(state, ["nothing"])
+    assert K.router_modules(router_vectors.delete_router_embeddings_state(state)) == []
+    summed = router_vectors.add_router_embeddings_state([state, state, state])
     key = K.router_key("decoder.block.0.layer.0.SelfAttention.q", 1)
     torch.testing.assert_close(summed[key], 3 * state[key])
     with pytest.raises(ValueError, match="other router keys"):
-        M.add_router_embeddings_state([state, created])
+        router_vectors.add_router_embeddings_state([state, created])
 
 
 def test_decoder_router_tools():
     state = moe_state(n_experts=2)
-    one = M.make_one_router_decoder_state(state)
+    one = decoder_router.make_one_router_decoder_state(state)
     k, v = "decoder.block.0.layer.1.EncDecAttention.k", "decoder.block.0.layer.1.EncDecAttention.v"
     for i in range(2):
         torch.testing.assert_close(one[K.router_key("decoder", i)],
                                    (state[K.router_key(k, i)] + state[K.router_key(v, i)]) / 2)
     assert [m for m in K.router_modules(one) if m.startswith("decoder")] == ["decoder"]
     assert K.router_key("encoder.block.0.layer.0.SelfAttention.q", 0) in one
-    mixed = M.make_a_specific_checkpoint_state(moe_state(n_experts=2, seed=9), one)
+    mixed = decoder_router.make_a_specific_checkpoint_state(moe_state(n_experts=2, seed=9), one)
     assert torch.equal(mixed[K.router_key("decoder", 1)], one[K.router_key("decoder", 1)])
     assert K.router_key(k, 0) not in mixed
 
 
 def test_block_routers_and_skipping():
     state = moe_state(n_experts=2)
-    merged = M.merge_into_blocks_state(state)
+    merged = blocks.merge_into_blocks_state(state)
     q0, wo0 = "encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.1.DenseReluDense.wo"
     torch.testing.assert_close(merged[K.router_key("encoder.block.0", 1)], state[K.router_key(q0, 1)])  # wo left out
     assert K.router_key(q0, 0) not in merged and K.router_key(wo0, 0) not in merged
     dec = [f"decoder.block.0.layer.{s}" for s in ("0.SelfAttention.q", "1.EncDecAttention.k", "1.EncDecAttention.v")]
     torch.testing.assert_close(merged[K.router_key("decoder.block.0", 0)],
                                sum(state[K.router_key(m, 0)] for m in dec) / 3)
-    blockwise = M.make_router_blockwise_state(state, index=0)
+    blockwise = blocks.make_router_blockwise_state(state, index=0)
     torch.testing.assert_close(blockwise[K.router_key(dec[1], 0)], merged[K.router_key("decoder.block.0", 0)])
     assert torch.equal(blockwise[K.router_key(dec[1], 1)], state[K.router_key(dec[1], 1)])
-    skipped = M.skip_blocks_state(state, 0)
+    skipped = blocks.skip_blocks_state(state, 0)
     assert not any(k.startswith("encoder.block.0.") for k in skipped)
     assert any(k.startswith("encoder.block.1.") for k in skipped) and "encoder.embed_tokens.weight" in skipped
-    ffn = M.skip_alternate_state(state, True)
+    ffn = blocks.skip_alternate_state(state, True)
     assert set(K.expert_modules(ffn)) == {wo0} and "decoder.embed_tokens.weight" in ffn
-    assert wo0 not in K.expert_modules(M.skip_alternate_state(state, False))
+    assert wo0 not in K.expert_modules(blocks.skip_alternate_state(state, False))
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
@@ -435,11 +410,11 @@ def test_make_checkpoint_for_retrieval_layout(exp_out):
     os.makedirs(exp_out / "library")
     np.save(exp_out / "library/D_TOYSUMMARY_TRAIN_K5_embeddings.npy", libraries[0])
     with pytest.raises(FileNotFoundError) as error:
-        M.make_checkpoint_for_retrieval("ToyComplete", "library", "ToyRetrieval", 5, names)
+        retrieval.make_checkpoint_for_retrieval("ToyComplete", "library", "ToyRetrieval", 5, names)
     assert "D_FLANV2BOOLQ_ZS_TRAIN_K5_embeddings.npy" in str(error.value)
     assert "retriever.sh -make_expert_library True -dataset_setting Flanv2" in str(error.value)
     np.save(exp_out / "library/D_FLANV2BOOLQ_ZS_TRAIN_K5_embeddings.npy", libraries[1])
-    M.make_checkpoint_for_retrieval("ToyComplete", "library", "ToyRetrieval", 5, names)
+    retrieval.make_checkpoint_for_retrieval("ToyComplete", "library", "ToyRetrieval", 5, names)
     out = read(exp_out, "ToyRetrieval")
     assert K.router_modules(out) == ["encoder"]
     first, second = out[K.router_key("encoder", 0)], out[K.router_key("encoder", 1)]
@@ -453,9 +428,9 @@ def test_make_checkpoint_for_retrieval_layout(exp_out):
 def test_paths_are_relative_to_exp_out(exp_out):
     for bad in ("exp_out/ToyComplete", "ToyComplete/best.pt", "/abs/ToyComplete", ""):
         with pytest.raises(ValueError, match="relative to"):
-            M.checkpoint_file(bad)
+            layout.checkpoint_file(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        M.put_index_to_lora("missing", "out")
+        experts.put_index_to_lora("missing", "out")
 
 
 # ------------------------------------------------------------------------------------------------ gin and CLIs
@@ -464,13 +439,36 @@ def test_paths_are_relative_to_exp_out(exp_out):
 def test_gin_names_are_unambiguous():
     from colm.checkpoints import cli  # noqa: F401  (registers func_caller)
 
-    functions = [M.put_index_to_lora, M.use_input_gate_as_router, M.average_outer_product_lora_weights,
-                 M.make_router_blockwise, M.skip_blocks, C.run_concatenate, C.commands_concatenate, cli.func_caller]
+    functions = [experts.put_index_to_lora, gates.use_input_gate_as_router, merging.average_outer_product_lora_weights,
+                 blocks.make_router_blockwise, blocks.skip_blocks, C.run_concatenate, C.commands_concatenate,
+                 cli.func_caller]
     for fn in functions:
         first = next(iter(inspect.signature(fn).parameters))
         gin.bind_parameter(f"{fn.__name__}.{first}", None)  # raises on an ambiguous short name
 
 
+SURGERY_FUNCTIONS = [
+    "put_index_to_lora", "concatenate_two_checkpoints", "normalize_expert_weights", "use_input_gate_as_router",
+    "use_input_gate_in_router_and_expert", "delete_expert_input_gate", "create_router_embeddings",
+    "delete_router_embeddings", "add_router_embeddings", "svd_orthogonalize_router",
+    "create_router_embeddings_from_weights", "make_one_router_decoder", "make_a_specific_checkpoint",
+    "merge_into_blocks", "make_router_blockwise", "skip_blocks", "skip_alternate", "average_lora_weights",
+    "average_outer_product_lora_weights", "make_checkpoint_for_retrieval", "run_concatenate", "commands_concatenate",
+]
+
+
+def test_command_line_registers_every_surgery_function():
+    """In a fresh interpreter, what scripts/manipulations.py imports resolves func_caller.func=@<name> for every
+    checkpoint function, under the names the README and the launchers use."""
+    code = ("import gin, colm.checkpoints.cli\n"
+            f"for name in {SURGERY_FUNCTIONS!r}:\n"
+            "    gin.parse_config(f'func_caller.func = @{name}')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
 def test_scripts_run_end_to_end(in_tmp_repo):
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
     exp_out = in_tmp_repo / "exp_out"
@@ -488,7 +486,7 @@ def test_scripts_run_end_to_end(in_tmp_repo):
     assert done.returncode == 0, done.stderr
     converted = read(exp_out, "datasets_concatenated/ToyReverse_lora")
     assert K.expert_indices(converted) == [0] and len(K.expert_modules(converted)) == len(DIMS)
-    write(M.put_index_to_lora_state(lora_state(1)), exp_out, "datasets_concatenated/ToySummary_lora")
+    write(experts.put_index_to_lora_state(lora_state(1)), exp_out, "datasets_concatenated/ToySummary_lora")
     done = subprocess.run(commands[1], cwd=in_tmp_repo, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = read(exp_out, "ToyComplete")

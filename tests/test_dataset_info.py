@@ -1,4 +1,4 @@
-"""Tests of colm.datasets.info and scripts/get_dataset_info.py on the toy registry with ByT5's byte tokenizer."""
+"""Tests of colm.tools.dataset_info and scripts/get_dataset_info.py on the toy registry with ByT5's byte tokenizer."""
 
 import csv
 import importlib.util
@@ -10,7 +10,8 @@ import pytest
 from transformers import ByT5Tokenizer
 
 from colm import registry
-from colm.datasets import TOY_GIN, info
+from colm.datasets.toy import TOY_GIN
+from colm.tools import dataset_info as info
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,12 +134,6 @@ def test_tokenizer_needs_a_model_gin_or_a_choice():
     info.parse_config([TOY_GIN])
     with pytest.raises(ValueError, match="model gin file.*'byt5'"):
         info.load_tokenizer()
-
-
-def test_default_registries_exist():
-    registries = info.default_registries()
-    assert "colm/datasets/toy.gin" in registries
-    assert all(os.path.isfile(os.path.join(REPO_ROOT, path)) for path in registries)
 
 
 def test_cli_takes_the_tokenizer_of_the_model_type_in_use(monkeypatch, capsys):

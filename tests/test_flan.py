@@ -19,8 +19,7 @@ from conftest import REPO_ROOT, subprocess_env
 from transformers import ByT5Tokenizer
 
 from colm import registry
-from colm.checkpoints import expert_order
-from colm.datasets import flan_release
+from colm.datasets import flan_release, settings
 from colm.datasets.flan import FlanDataset, split_rows, template_types
 from colm.datasets.niv2_categories import (
     NIV2_CATEGORIES,
@@ -139,10 +138,10 @@ def test_cli_writes_every_destination_with_all_its_rows(cli_build, expected):
 def test_registry_builds_every_flan_scope_with_fixture_rows(data_dir, expected):
     gin.parse_config_file(FLAN_GIN)
     scopes = set(registry.known_scopes())
-    experts = [n for s in ("Flanv2", "Niv2", "Add1") for n in expert_order.SETTINGS[s] if not n.startswith("P3")]
+    experts = [n for s in ("Flanv2", "Niv2", "Add1") for n in settings.get_setting(s) if not n.startswith("P3")]
     assert len(experts) == 36 + 75 + 12
     for name in experts:
-        stem = expert_order.scope_of(name)
+        stem = settings.scope_of(name)
         assert {f"D/{stem}/TRAIN", f"D/{stem}/EVAL"} <= scopes, name
     assert len(scopes) == 2 * len(experts)
     tok = ByT5Tokenizer()

@@ -1,12 +1,14 @@
 """Stage 2 through the launchers: MoE-format expert, then gate training changes nothing but the gates."""
 
+import pytest
 import torch
 
-from colm.moma.weights import read_checkpoint
+from colm.formats.checkpoint_io import read_checkpoint
 
 QUICK = "main.logging_backend=None P/TRAIN/Trainer.gradient_accumulation_factor=1 D/TOYSENTIMENT/EVAL/ToyDataset.num_examples=32"
 
 
+@pytest.mark.slow
 def test_gate_training_changes_only_the_gates(in_tmp_repo, launch):
     launch("train_single_task.sh", "-exp_name", "moe_expert", "-dataset", "TOYSENTIMENT",
            "-extra_bindings", QUICK + " P/TRAIN/Trainer.num_steps=6 P/TRAIN/Trainer.validation_step_interval=3")

@@ -1,4 +1,5 @@
-"""Where hub datasets load from (colm.datasets.hub), the local override, and the evaluation suites."""
+"""Where hub datasets load from (colm.datasets.hub), the local override, and the evaluation suites
+(colm.datasets.settings)."""
 
 import json
 import os
@@ -9,8 +10,7 @@ import pytest
 
 import colm.configurables  # noqa: F401  registers every configurable the registries name
 from colm import registry
-from colm.checkpoints import expert_order
-from colm.datasets import hub, suites
+from colm.datasets import hub, settings
 from colm.datasets.local import DATA_DIR_ENV
 
 REGISTRIES = ["colm/datasets/p3_t5xl.gin", "colm/datasets/flanv2_t5xl.gin", "colm/datasets/bigbench.gin"]
@@ -90,15 +90,6 @@ def test_empty_dataset_path_is_an_error():
         hub.load_hf_split(["huggingface"], "train")
 
 
-def test_suite_scopes_keep_the_paper_order():
-    bbh = suites.suite_scopes("BBH")
-    assert len(bbh) == 22 and bbh[0] == "D/BBBOOLEANEXPRESSIONS/EVAL" and bbh[-1] == "D/BBWORDSORTING/EVAL"
-    assert len(suites.suite_scopes("BBLITE")) == 17
-    assert suites.suite_scopes("HELDOUT")[7] == "D/P3ANLI/R1/EVAL"
-    with pytest.raises(ValueError, match="close matches: \\['BBH'\\]"):
-        suites.suite_scopes("BHH")
-
-
 def registry_scopes():
     gin.clear_config()
     try:
@@ -110,14 +101,14 @@ def registry_scopes():
 
 def test_every_suite_scope_is_defined_in_the_registries():
     known = registry_scopes()
-    for name, scopes in suites.SUITES.items():
+    for name, scopes in settings.SUITES.items():
         missing = [s for s in scopes if f"D/{s}/EVAL" not in known]
         assert not missing, f"suite {name} names undefined scopes {missing}"
 
 
 def test_every_expert_of_the_flan_setting_has_train_and_eval_scopes():
     known = registry_scopes()
-    full = expert_order.SETTINGS["Full"]
+    full = settings.get_setting("Full")
     assert len(full) == 166
     missing = [f"D/{scope}/{split}" for scope in full.values() for split in ("TRAIN", "EVAL")
                if f"D/{scope}/{split}" not in known]
@@ -137,7 +128,7 @@ def test_suite_procedures_win_over_the_launcher_default_datasets():
         )
         for suite in ("HELDOUT", "BBH", "BBLITE"):
             with gin.config_scope(f"P/EVALUATE/{suite}"):
-                assert Evaluator(name=suite).datasets == suites.suite_scopes(suite)
+                assert Evaluator(name=suite).datasets == settings.suite_scopes(suite)
         with gin.config_scope("P/EVALUATE"):
             assert len(Evaluator(name="default").datasets) == 36
     finally:

@@ -12,9 +12,10 @@ import gin
 import pytest
 
 from colm import registry
-from colm.datasets import TOY_GIN, info
+from colm.datasets.toy import TOY_GIN
 from colm.ginparse import parse_gin
 from colm.main import main
+from colm.tools import dataset_info as info
 from colm.utils import logging as run_logging
 from colm.utils import progress
 

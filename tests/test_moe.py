@@ -7,12 +7,12 @@ import torch
 from colm import registry
 from colm.ginparse import parse_gin
 from colm.moma import routing
-from colm.moma.moe import expert_count, extend_moe
+from colm.moma.moe import MoELink, Router, expert_count, extend_moe
+from colm.moma.sizes import resolve_size
 
 A2 = ["colm/datasets/toy.gin", "colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16_a2.gin"]
-NO_LOAD = ['M/MODEL/Model.init_moma_calls=[@M/MODEL/ENCODER/watch_hiddens, @M/MODEL/DECODER/watch_hiddens, '
-           '@M/MODEL/ENCODER/make_moe, @M/MODEL/DECODER/make_moe]',
-           "M/MODEL/FFNExperts.topk_value=2", "M/MODEL/FFNExperts.normalize_topk=True", "M/MODEL/Model.device='cpu'"]
+# The A2 gin builds the MoE; without eval.gin nothing is loaded.
+NO_LOAD = ["M/MODEL/FFNExperts.topk_value=2", "M/MODEL/FFNExperts.normalize_topk=True", "M/MODEL/Model.device='cpu'"]
 
 
 def build_model(gin_files=A2, bindings=NO_LOAD, n_experts=4, seed=0):
@@ -122,7 +122,7 @@ def test_put_index_to_lora_checkpoint_equals_the_loralinear_model(make_model):
     """Stage 1b: the 1-expert MoE checkpoint computes exactly what the LoRALinear model it came from does."""
     import functools
 
-    from colm.checkpoints.manipulations import put_index_to_lora_state
+    from colm.checkpoints.experts import put_index_to_lora_state
     from colm.moma.lora import modify_with_lora
     from colm.moma.weights import load_state_into
 
@@ -249,3 +249,89 @@ def test_center_inputs_true_without_means_and_bad_means():
     donor_state[f"{m}._addons.router.input_mean"] = torch.zeros(5)
     with pytest.raises(ValueError, match="input_mean has shape"):
         load_state_into(model, donor_state, "bad means")
+
+
+# ----- score types from the routing table, retrieval routing, expert indices, sizes ------------------------------
+
+
+def test_router_takes_its_score_types_from_the_routing_table():
+    for score_type in routing.SCORE_TYPES:
+        router = Router({}, "encoder.block.0.layer.0.SelfAttention.q", MoELink(), ("h",), ("w",), torch.nn.Linear(8, 8),
+                        None, d_router=8, score_type=score_type)
+        assert (router.weights is not None) == routing.SCORE_TYPES[score_type].learned_router_weights
+    with pytest.raises(ValueError, match="Router.score_type='euclid'; choose one of .*'original'"):
+        Router({}, "encoder", MoELink(), ("h",), ("w",), torch.nn.Linear(8, 8), None, d_router=8, score_type="euclid")
+
+
+@pytest.mark.parametrize("score_type", ["weighted_cosine", "dot"])
+def test_other_score_types_in_the_model_equal_the_dense_reference(score_type, tmp_path):
+    model = build_model(bindings=NO_LOAD + [f'M/MODEL/Router.score_type="{score_type}"',
+                                            "M/MODEL/Router.scaling_scores='true'"])
+    generator = torch.Generator().manual_seed(5)
+    for router in model.addons["router"].values():
+        if router.weights is not None:
+            with torch.no_grad():
+                router.weights.copy_(torch.rand(router.weights.shape, generator=generator) + 0.5)
+    name = "decoder.block.0.layer.0.SelfAttention.q"
+    x, y, host, experts, router = routed_io(model, name)
+    expected = x @ host.weight.T + routing.dense_reference(
+        x, router.expert_embeddings, experts.layer1, experts.layer2, k=2, normalize_topk=True, scale=1 / 16,
+        score_type=score_type, router_weights=router.weights)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    # The cached prepared vectors ("dot" prepares g itself) never join the checkpoint.
+    state = model.torch_model.state_dict()
+    assert not any("_prepared" in key for key in state)
+    assert (f"{name}._addons.router.weights" in state) == (score_type == "weighted_cosine")
+
+
+def retrieval_router(d_router=8, embedding_dim=4):
+    link = MoELink()
+    shared = {("h",): None}
+    router = Router(shared, "encoder", link, ("h",), ("w",), torch.nn.Linear(4, 4), None, d_router=d_router,
+                    is_retriever="True", retrieval_embedding_dim=embedding_dim)
+    return router, shared
+
+
+def test_retrieval_router_routes_each_example_to_the_library_with_its_nearest_row():
+    router, shared = retrieval_router()
+    # Three experts with libraries of three rows of width 4 (the checkpoint's width, 12, replaces d_router = 8).
+    libraries = torch.zeros(3, 3, 4)
+    libraries[0, 0] = torch.tensor([1.0, 0, 0, 0])
+    libraries[1, :2] = torch.tensor([[0, 1.0, 0, 0], [0, 0, 0, 2.0]])
+    libraries[2, 0] = torch.tensor([0, 0, 3.0, 0])
+    state = {f"encoder._addons.router.expert_embeddings__{i}": libraries[i].flatten() for i in range(3)}
+    router.prepare_load("encoder._addons.router.", state)
+    router.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in state.items()})
+    assert router.d_router == 12 and len(router.link) == 3
+    shared[("h",)] = torch.tensor([[0.1, 0, 0.2, 0], [0, 0, 0.1, 1.0], [2.0, 0.1, 0, 0]])
+    router.pre_forward((), {})
+    assert torch.equal(shared[("w",)], torch.eye(3)[[2, 1, 0]])
+    assert ("router_scores", "w") not in shared  # one-hot weights, no scores
+    with pytest.raises(ValueError, match="retrieval router does not centre"):
+        router.prepare_load("encoder._addons.router.", {**state, "encoder._addons.router.input_mean": torch.zeros(12)})
+
+
+def test_expert_indices_come_from_the_key_spelling():
+    model = build_model(n_experts=2)
+    with pytest.raises(ValueError, match="identifier_stem"):
+        extend_moe(model, num_new_experts=1, identifier_stem="extra")
+    state = {k: v for k, v in model.torch_model.state_dict().items() if "_addons" in k}
+    m = "encoder.block.0.layer.0.SelfAttention.q"
+    assert f"{m}._addons.expert_lora.layer1__1" in state and f"{m}._addons.router.expert_embeddings__1" in state
+    gapped = {k.replace("__1", "__2"): v for k, v in state.items()}
+    gin.clear_config()
+    registry.reset()
+    from colm.moma.weights import load_state_into
+
+    with pytest.raises(ValueError, match="without gaps"):
+        load_state_into(build_model(n_experts=0), gapped, "gapped")
+
+
+def test_resolve_size():
+    host = torch.nn.Linear(6, 5)
+    config = type("Config", (), {"d_model": 7})()
+    assert [resolve_size(v, host, config) for v in ("host_module.in_features", "host_module.out_features",
+                                                    "model.d_model", 9)] == [6, 5, 7, 9]
+    for bad in ("host_module.d_model", "d_model", "modle.d_model"):
+        with pytest.raises(ValueError, match="Cannot resolve size"):
+            resolve_size(bad, host, config)

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from colm.formats.checkpoint_io import read_checkpoint
 from colm.models.interfaces import choice_scores
 from colm.moma.addons import Addon, insert_addon
 from colm.moma.hiddens import watch_hiddens
 from colm.moma.lora import LoRALinear, modify_with_lora
-from colm.moma.weights import load_weights, read_checkpoint, save_weights
+from colm.moma.weights import load_weights, save_weights
 
 LORA = functools.partial(modify_with_lora, lora_modules=".*SelfAttention|.*EncDecAttention|.*DenseReluDense",
                          lora_layers="q|k|v|o|w.*")

@@ -1,5 +1,5 @@
 """Bring your own tasks and experts: a task family given as local JSON lines through -extra_gin_files, experts
-with names of the user's choosing (expert_order: "Name" or "Name:SCOPE"), the COLM_DATA_DIR override of a
+with names of the user's choosing (colm.datasets.settings: "Name" or "Name:SCOPE"), the COLM_DATA_DIR override of a
 LocalDataset path, and the build-time check of rank-classification scopes without answer choices."""
 
 import json
@@ -13,10 +13,11 @@ from conftest import REPO_ROOT, subprocess_env
 
 from colm import registry
 from colm.checkpoints.concatenate import commands_concatenate, run_concatenate
-from colm.checkpoints.expert_order import SETTINGS, derived_scope, expert_names, get_setting, setting_scopes
-from colm.checkpoints.manipulations import make_checkpoint_for_retrieval
-from colm.datasets import LocalDataset
+from colm.checkpoints.retrieval import make_checkpoint_for_retrieval
 from colm.datasets.dataset import Dataset
+from colm.datasets.local import LocalDataset
+from colm.datasets.settings import derived_scope, expert_names, get_setting, setting_scopes
+from colm.datasets.toy import TOY_NAMES
 from colm.ginparse import parse_gin
 
 EXAMPLE = "colm/experiments/examples/own_tasks"
@@ -106,7 +107,7 @@ def test_unknown_names_fail_with_how_to_name_the_scope_and_settings_are_unchange
                                                 r"-extra_gin_files .* -dataset_length 16"):
         make_checkpoint_for_retrieval("Mine", "no_library_here", "MineRetrieval", 16, ["MyEcho", "MySentiment:REVIEWS"])
     # the named settings keep their names, order and scopes
-    assert len(get_setting("Full")) == 166 and list(get_setting("Toy")) == list(SETTINGS["Toy"])
+    assert len(get_setting("Full")) == 166 and list(get_setting("Toy")) == list(TOY_NAMES)
     assert get_setting(["P3Agnews", "Flanv2zsBoolq"]) == {"P3Agnews": "P3AGNEWS", "Flanv2zsBoolq": "FLANV2BOOLQ/ZS"}
 
 
@@ -186,6 +187,7 @@ def test_rank_classification_without_answer_choices_is_refused_when_built(tmp_pa
                         answer_choices_field="opts").get_example(0)["answer_choices"] == ["no", "yes"]
 
 
+@pytest.mark.slow
 def test_launchers_refuse_a_choiceless_mc_scope_and_missing_gin_files_before_training(in_tmp_repo):
     gin_file = in_tmp_repo / "nochoice.gin"
     gin_file.write_text(open(os.path.join(REPO_ROOT, OWN_GIN)).read().replace("MYSENTIMENT", "NOCHOICE").replace(

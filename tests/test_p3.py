@@ -138,9 +138,9 @@ def test_registry_defines_every_p3_scope(p3_registry):
 
 
 def test_registry_follows_the_expert_order(p3_registry):
-    from colm.checkpoints import expert_order
+    from colm.datasets.settings import get_setting
 
-    full = list(expert_order.SETTINGS["Full"].values())
+    full = list(get_setting("Full").values())
     assert full[:36] == HELD_IN and full[147:154] == ADDED
     with open(REGISTRY) as f:
         text = f.read()
@@ -449,6 +449,7 @@ def test_local_only_sources_explain_what_is_missing(monkeypatch, tmp_path):
 E2E_SCOPES = ["D/P3AGNEWS/EVAL", "D/P3RTE/EVAL", "D/P3ROPES/EVAL", "D/P3WIKIBIO/EVAL"]
 
 
+@pytest.mark.slow
 def test_eval_multitask_scores_p3_scopes_from_local_copies(in_tmp_repo, fixtures_dir, tokenizer):
     """The launcher evaluates held-in (round robin), held-out (every original template), squad and bleu/rouge
     scopes; every example is the dataset's own item and the reported accuracy is the outputs' accuracy."""

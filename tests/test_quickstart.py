@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import subprocess_env
 
 from colm.quickstart import METHOD_DIRS, Budget
@@ -15,6 +16,7 @@ def run_quickstart(cwd):
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_fast_quickstart_writes_the_method_table_and_skips_finished_stages(in_tmp_repo):
     out = in_tmp_repo / "exp_out/quickstart_fast"
     run_quickstart(in_tmp_repo)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from colm.moma.weights import read_checkpoint
+from colm.formats.checkpoint_io import read_checkpoint
 from colm.procedures.results import read_results
 
 README = os.path.join(REPO_ROOT, "README.md")

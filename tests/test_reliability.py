@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from colm import registry
-from colm.checkpoints import manipulations
+from colm.checkpoints import experts
 from colm.checkpoints.averaged_hiddens import insert_averaged_hiddens
+from colm.formats.checkpoint_io import read_checkpoint, write_checkpoint
 from colm.ginparse import parse_gin
 from colm.main import main
 from colm.moma.lora import modify_with_lora
-from colm.moma.weights import load_state_into, read_checkpoint, write_checkpoint
+from colm.moma.weights import load_state_into
 
 GINS = ["colm/datasets/toy.gin", "colm/models/tiny/t5.gin", "colm/models/moe_lora_rank16.gin",
         "colm/experiments/train_single_task_loralinear.gin"]
@@ -104,11 +105,11 @@ def test_checkpoint_scripts_refuse_writing_over_their_input_and_escaping_exp_out
     write_checkpoint(lora_state(model), str(source))
     before = source.read_bytes()
     with pytest.raises(ValueError, match="out_path='stage1/' is its input 'stage1'"):
-        manipulations.put_index_to_lora(path="stage1", out_path="stage1/")
+        experts.put_index_to_lora(path="stage1", out_path="stage1/")
     with pytest.raises(ValueError, match=r"'\.\.' is not allowed"):
-        manipulations.put_index_to_lora(path="stage1", out_path="../outside")
+        experts.put_index_to_lora(path="stage1", out_path="../outside")
     with pytest.raises(ValueError, match=r"'\.\.' is not allowed"):
-        manipulations.put_index_to_lora(path="x/../../etc", out_path="fine")
+        experts.put_index_to_lora(path="x/../../etc", out_path="fine")
     assert source.read_bytes() == before and not (in_tmp_repo / "outside").exists()
 
 

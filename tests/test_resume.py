@@ -14,9 +14,9 @@ import torch
 from conftest import REPO_ROOT, subprocess_env
 
 from colm import registry
+from colm.formats.checkpoint_io import read_checkpoint
 from colm.ginparse import parse_gin
 from colm.main import main
-from colm.moma.weights import read_checkpoint
 from colm.procedures import resume
 from colm.procedures.results import read_results
 from colm.utils import run_dir
@@ -46,6 +46,7 @@ def same_tensors(path_a, path_b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_bits_of_an_uninterrupted_run(in_tmp_repo):
     out = in_tmp_repo / "exp_out"
     whole = run_training(in_tmp_repo, "whole")
@@ -211,6 +212,7 @@ def test_warm_start_into_the_directory_it_starts_from_is_refused(in_tmp_repo, mo
     assert (in_tmp_repo / "exp_out/source/best.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="POSIX signals")
 def test_sigterm_to_the_launcher_stops_the_python_run(in_tmp_repo):
     command = ["bash", "colm/experiments/bash_scripts/train_single_task_loralinear.sh", "-exp_name", "term",

@@ -10,19 +10,21 @@ import torch
 from conftest import subprocess_env
 
 from colm import registry
-from colm.checkpoints import keys as K
-from colm.checkpoints.manipulations import make_checkpoint_for_retrieval_state, retrieval_library_file
+from colm.checkpoints.retrieval import make_checkpoint_for_retrieval_state
 from colm.datasets.dataset import InterfaceInfo
+from colm.formats import keys as K
+from colm.formats.checkpoint_io import read_checkpoint, write_checkpoint
+from colm.formats.layout import retrieval_library_file
 from colm.ginparse import parse_gin
 from colm.main import main
 from colm.models.hf_loading import hf_torch_model
 from colm.models.module_names import match_modules
 from colm.moma.embedder import embed_texts
-from colm.moma.feature_extractor import FeatureExtractor, batch_texts, parse_bool
-from colm.moma.weights import read_checkpoint, write_checkpoint
+from colm.moma.feature_extractor import FeatureExtractor, batch_texts
 from colm.procedures.analysis import load_routing_distribution
 from colm.procedures.results import read_results
 from colm.procedures.retriever import Retriever, library_indices, train_scope
+from colm.utils.coerce import as_bool
 
 TINY_T5 = "colm/models/tiny/toy_t5"
 SCRIPT = "colm/experiments/bash_scripts/retriever.sh"
@@ -46,8 +48,8 @@ def expert_state(n_experts, seed=0):
 
 
 def test_include_answer_choices_is_a_real_boolean():
-    assert parse_bool("False", "x") is False and parse_bool("True", "x") is True
-    assert parse_bool(False, "x") is False and parse_bool(True, "x") is True
+    assert as_bool("False", "x") is False and as_bool("True", "x") is True
+    assert as_bool(False, "x") is False and as_bool(True, "x") is True
     assert FeatureExtractor({}, "encoder", ("k",), include_answer_choices="False").include_answer_choices is False
     with pytest.raises(ValueError, match="FeatureExtractor.include_answer_choices must be True or False"):
         FeatureExtractor({}, "encoder", ("k",), include_answer_choices="no")
@@ -91,8 +93,10 @@ def test_retrieval_router_picks_the_expert_holding_a_near_duplicate(tmp_path):
     state = make_checkpoint_for_retrieval_state(expert_state(3), libraries)
     assert state["encoder._addons.router.expert_embeddings__0"].shape == (3 * 384,)
     write_checkpoint(state, str(tmp_path / "best.pt"))
+    # the model gin builds the retrieval MoE; the checkpoint is what the experiment adds (eval.gin does the same)
     parse_gin(["colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_retriever.gin"],
-              [f'M/MODEL/load_weights.weight_path="{tmp_path}/best.pt"', "retrieval_router_size.library_rows=3",
+              ["M/MODEL/moma_calls.experts=[@M/MODEL/load_weights]",
+               f'M/MODEL/load_weights.weight_path="{tmp_path}/best.pt"', "retrieval_router_size.library_rows=3",
                "M/MODEL/FeatureExtractor.include_answer_choices=False", 'M/MODEL/Model.device="cpu"'])
     model = registry.get_object("M/MODEL")
     router = model.addons["router"]["encoder"]
@@ -151,6 +155,7 @@ def launch(cwd, *flags):
     return done
 
 
+@pytest.mark.slow
 def test_launcher_library_checkpoint_and_evaluation(in_tmp_repo):
     write_checkpoint(expert_state(3), str(in_tmp_repo / "exp_out/ToyA2_tiny_lora_concatenated/best.pt"))
     common = ["-dataset_setting", TOY3, "-dataset_length", "40"]

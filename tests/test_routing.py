@@ -381,3 +381,54 @@ def test_bad_input_mean_shape():
     x, g, _, _ = make_inputs(3)
     with pytest.raises(ValueError, match="input_mean must have shape"):
         routing.router_scores(x, routing.prepare_router_vectors(g), input_mean=torch.zeros(D_IN + 1))
+
+
+# ----- the score-type table: every entry, fast path against its own dense reference -------------------------
+
+
+def table_inputs(score_type, seed=13):
+    """Inputs for one table entry; router weights (random, positive) only for a type that learns them."""
+    x, g, layer1, layer2 = make_inputs(6, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weights = torch.rand(D_IN, generator=gen) + 0.5 if routing.SCORE_TYPES[score_type].learned_router_weights else None
+    return x, g, layer1, layer2, weights
+
+
+@pytest.mark.parametrize("score_type", list(routing.SCORE_TYPES))
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_score_type_matches_its_dense_reference(score_type, centred, fused):
+    x, g, layer1, layer2, weights = table_inputs(score_type)
+    mu = torch.randn(D_IN) if centred else None
+    kwargs = dict(score_type=score_type, scaling_scores=True, temperature=3.0, input_mean=mu)
+    expected = routing.dense_reference(x, g, layer1, layer2, 2, True, 0.25, router_weights=weights, **kwargs)
+    prepared = routing.prepare_router_vectors(g, score_type, router_weights=weights)
+    weight = torch.randn(D_OUT, D_IN)
+    base, raw = routing.linear_and_router_scores(x, weight, prepared) if fused else (None, None)
+    with torch.no_grad():
+        got, _ = routing.route_and_apply(x, prepared, layer1, layer2, 2, True, 0.25, raw_scores=raw, out=base,
+                                         **kwargs)
+    if fused:
+        expected = F.linear(x, weight) + expected
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_weighted_cosine_is_cosine_with_weighted_router_vectors():
+    x, g, _, _, weights = table_inputs("weighted_cosine")
+    expected = F.normalize(x, dim=-1) @ (F.normalize(g, dim=-1) * weights).T / math.sqrt(D_IN)
+    prepared = routing.prepare_router_vectors(g, "weighted_cosine", router_weights=weights)
+    torch.testing.assert_close(routing.router_scores(x, prepared, "weighted_cosine"), expected, atol=1e-6, rtol=1e-5)
+    # Without weights (their initial value, ones) it is the cosine score.
+    torch.testing.assert_close(routing.router_scores(x, routing.prepare_router_vectors(g, "weighted_cosine"),
+                                                     "weighted_cosine"),
+                               routing.router_scores(x, routing.prepare_router_vectors(g, "cosine"), "cosine"))
+    with pytest.raises(ValueError, match="no learned router weights"):
+        routing.prepare_router_vectors(g, "cosine", router_weights=weights)
+
+
+def test_unknown_score_type_names_the_table():
+    x, g, layer1, layer2 = make_inputs(3)
+    for call in (lambda: routing.router_scores(x, g, "euclid"),
+                 lambda: routing.dense_reference(x, g, layer1, layer2, 2, True, 1.0, score_type="euclid")):
+        with pytest.raises(ValueError, match="score_type must be one of .*'original'.*'arrow'"):
+            call()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from colm.checkpoints.experts_file import read_experts_file, write_experts_file
+from colm.formats.experts_file import read_experts_file, write_experts_file
+from colm.models import architecture
 from colm.procedures import analysis
 from colm.procedures import routing_analysis as ra
 from colm.procedures.analysis import (
@@ -28,7 +29,7 @@ PAD, EOS = 0, 1
 
 
 class FakeModel:
-    pad_id, eos_id = PAD, EOS
+    pad_id, eos_id, architecture = PAD, EOS, "t5"
 
 
 def fake_batch(seed):
@@ -191,7 +192,7 @@ def test_diagnosis_numbers(routing_dir):
     assert d["datasets"] == sorted(HELD_IN + [HELD_OUT])
     enc_q, enc_ffn, dec_q = (d["modules"][M[k]] for k in ("enc_q", "enc_ffn", "dec_q"))
     assert enc_q["group"] == "encoder self-attn" and dec_q["group"] == "decoder self-attn"
-    assert {m["group"] for m in d["modules"].values()} == set(ra.GROUPS)
+    assert {m["group"] for m in d["modules"].values()} == set(architecture.module_groups())
     assert enc_q["own_mass"] == {t: pytest.approx(0.7) for t in HELD_IN}
     row = enc_q["tasks"].index(HELD_OUT)
     assert enc_q["mass"][row] == pytest.approx([0.5, 0.3, 0.2])
@@ -256,10 +257,10 @@ def test_diagnosis_refuses_mismatched_experts(routing_dir, tmp_path):
 
 
 def test_module_groups_and_dataset_stems():
-    assert ra.module_group("decoder.block.3.layer.1.EncDecAttention.v") == "cross-attn k/v"
-    assert ra.module_group("decoder.block.3.layer.1.EncDecAttention.o") == "cross-attn q/o"
-    assert ra.module_group("encoder.block.11.layer.1.DenseReluDense.wi_0") == "encoder FFN"
-    assert ra.module_group("decoder") == "other"
+    assert architecture.module_group("decoder.block.3.layer.1.EncDecAttention.v") == "cross-attn k/v"
+    assert architecture.module_group("decoder.block.3.layer.1.EncDecAttention.o") == "cross-attn q/o"
+    assert architecture.module_group("encoder.block.11.layer.1.DenseReluDense.wi_0") == "encoder FFN"
+    assert architecture.module_group("decoder") == "other"
     assert ra.dataset_stem("D/FLANV2ZSBOOLQ/ZS/EVAL") == "FLANV2ZSBOOLQ/ZS"
     assert ra.dataset_stem("D/TOYREVERSE/TRAIN") == "TOYREVERSE"
 
@@ -273,10 +274,9 @@ def test_routing_distribution_on_a_routed_model(tmp_path):
     from colm.ginparse import parse_gin
     from colm.moma.moe import extend_moe
 
+    # the A2 gin builds the MoE; nothing loaded (its build list alone)
     parse_gin(["colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16_a2.gin"],
-              ['M/MODEL/Model.init_moma_calls=[@M/MODEL/ENCODER/watch_hiddens, @M/MODEL/DECODER/watch_hiddens, '
-               '@M/MODEL/ENCODER/make_moe, @M/MODEL/DECODER/make_moe]', "M/MODEL/FFNExperts.topk_value=2",
-               "M/MODEL/FFNExperts.normalize_topk=True", "M/MODEL/Model.device='cpu'"])
+              ["M/MODEL/FFNExperts.topk_value=2", "M/MODEL/FFNExperts.normalize_topk=True", "M/MODEL/Model.device='cpu'"])
     model = registry.get_object("M/MODEL")
     extend_moe(model, num_new_experts=3)
     gen = torch.Generator().manual_seed(0)
@@ -298,7 +298,8 @@ def test_routing_distribution_on_a_routed_model(tmp_path):
         generated += row.index(model.eos_id) + 1 if model.eos_id in row else len(row)
     assert set(loaded["modules"]) == set(model.addons["router"])
     for module, stats in loaded["modules"].items():
-        expected_tokens = int((ids != model.pad_id).sum()) if analysis.encoder_side(module) else generated
+        encoder_tokens = architecture.token_side(module) == "encoder"
+        expected_tokens = int((ids != model.pad_id).sum()) if encoder_tokens else generated
         assert stats["tokens"] == expected_tokens, module
         assert stats["top1_counts"].sum() == stats["tokens"]
         assert stats["mean_probs"].sum() == pytest.approx(1.0)
@@ -323,17 +324,17 @@ def test_sentence_level_routing_without_scores(tmp_path):
 
 def test_run_concatenate_writes_expert_names(tmp_path, monkeypatch):
     from colm.checkpoints import concatenate as C
-    from colm.checkpoints import manipulations
-    from colm.moma.weights import write_checkpoint
+    from colm.formats import layout
+    from colm.formats.checkpoint_io import write_checkpoint
 
-    monkeypatch.setattr(manipulations, "EXP_OUT", str(tmp_path))
+    monkeypatch.setattr(layout, "EXP_OUT", str(tmp_path))
     names = ["ToySummary", "ToyReverse", "MyTask:MYSCOPE"]
     m = "encoder.block.0.layer.0.SelfAttention.q"
     for name in ("ToySummary", "ToyReverse", "MyTask"):
         state = {f"{m}._addons.expert_lora.layer1__0": torch.zeros(4, 2),
                  f"{m}._addons.expert_lora.layer2__0": torch.zeros(2, 4),
                  f"{m}._addons.router.expert_embeddings__0": torch.ones(4)}
-        write_checkpoint(state, str(tmp_path / C.expert_path(name, "lora") / "best.pt"))
+        write_checkpoint(state, str(tmp_path / layout.expert_path(name, "lora") / "best.pt"))
     C.run_concatenate(datasets=names, suffix="lora", out_path="Cat")
     entries = read_experts_file(str(tmp_path / "Cat" / "experts.json"))
     assert [(e["index"], e["name"], e["scope"]) for e in entries] == [

@@ -55,6 +55,7 @@ def test_shipped_tokenizer_keeps_corpus_words_whole_and_reads_any_text(tok):
     assert tok.convert_tokens_to_ids("<extra_id_0>") != tok.unk_token_id
 
 
+@pytest.mark.slow
 def test_rebuild_reproduces_the_shipped_tokenizer_and_first_losses(tok, tmp_path):
     """scripts/make_tiny_t5.py is seeded and pinned to AVX2 kernels on one thread: rebuilding gives the
     shipped vocabulary and the logged loss of each of the first steps (the whole run takes ~20 minutes; the

@@ -1,11 +1,13 @@
 """Stage 1 end to end, through the README's launcher: a LoRA expert on a toy task beats the untrained model."""
 
+import pytest
 import torch
 
-from colm.moma.weights import read_checkpoint
+from colm.formats.checkpoint_io import read_checkpoint
 from colm.procedures.results import read_results
 
 
+@pytest.mark.slow
 def test_trained_expert_beats_untrained_model(in_tmp_repo, launch):
     launch(
         "train_single_task_loralinear.sh", "-exp_name", "toy_lora", "-dataset", "TOYTOPIC",
@@ -37,6 +39,7 @@ def test_trained_expert_beats_untrained_model(in_tmp_repo, launch):
     assert torch.equal(read_checkpoint(str(out / "best.pt"))["decoder.block.1.layer.1.EncDecAttention.v.expert_lora_b"], b)
 
 
+@pytest.mark.slow
 def test_launcher_rejects_unknown_flag_and_missing_dataset(in_tmp_repo, launch):
     done = launch("train_single_task_loralinear.sh", "-exp_name", "x", "-datset", "Y", expect_ok=False)
     assert done.returncode == 2 and "unknown flag '-datset'" in done.stderr

@@ -7,22 +7,17 @@
 
 import os
 
-from colm.checkpoints import keys as K
-from colm.checkpoints import manipulations
+from colm.formats import keys as K
+from colm.formats.checkpoint_io import read_experiment, write_experiment
+from colm.formats.layout import HIDDENS_EXTENSION, checkpoint_file, hiddens_dir, hiddens_file
+from colm.models import architecture as A
 
-HIDDENS_EXTENSION = ".safetensors"  # what SaveAveragedHiddens writes (colm/procedures/averaged_hiddens.py)
-
-FINAL_LAYER_NORM = "encoder.final_layer_norm"  # its pooled output is the A1 decoder router's input
-DECODER_ROUTER = "decoder"  # A1: one router on the decoder stack, shared by every decoder linear
+FINAL_LAYER_NORM = A.a1_router_input()  # its pooled output is the A1 decoder router's input
+DECODER_ROUTER = A.a1_router()  # A1: one router on the decoder stack, shared by every decoder linear
 COMPONENTS = (None, "pretrained", "task")
 # The C4 averages the "pretrained" / "task" components are taken against (the original's fixed location).
 C4_EXP_NAME, C4_DATASET = "P3C4_lora", "D/C4/EVAL"
 REINIT_SCRIPT = "colm/experiments/bash_scripts/reinit_router_embedding.sh"
-
-
-def hiddens_file(exp_name: str, dataset: str, hiddens_suffix: str = "_a2") -> str:
-    return os.path.join(manipulations.EXP_OUT, exp_name, f"averaged_hiddens{hiddens_suffix}",
-                        dataset.replace("/", "_") + HIDDENS_EXTENSION)
 
 
 def read_hiddens(file: str, how_to_make: str) -> dict:
@@ -111,14 +106,14 @@ def insert_averaged_hiddens_state(state: dict, averages: dict, index: int = 0, a
             raise ValueError("The checkpoint has an A1 decoder router (decoder._addons.router...); use arch A1.")
         targets = {m: linear_averages[m] for m in experts}
     else:
-        per_linear = [m for m in routers if m.startswith("decoder.")]
+        per_linear = [m for m in routers if A.stack_of(m) == A.DECODER and m != DECODER_ROUTER]
         if per_linear:
             raise ValueError(f"arch A1 has one decoder router, but the checkpoint has per-linear decoder routers "
                              f"(e.g. {per_linear[0]}); make it with make_one_router_decoder, or use arch A2.")
         if FINAL_LAYER_NORM not in averages:
             raise ValueError(f"arch A1 needs the average of {FINAL_LAYER_NORM}, which the averages lack; recompute "
                              "them with SaveAveragedHiddens.")
-        targets = {m: linear_averages[m] for m in experts if not m.startswith("decoder.")}
+        targets = {m: linear_averages[m] for m in experts if A.stack_of(m) != A.DECODER}
         targets[DECODER_ROUTER] = averages[FINAL_LAYER_NORM]
     out = dict(state)
     dtype = next(iter(experts.values())).dtype
@@ -147,12 +142,12 @@ def insert_averaged_hiddens(exp_name, dataset, index=0, hiddens_suffix="_a2", co
     if component is not None:
         c4_averages = read_hiddens(
             hiddens_file(C4_EXP_NAME, C4_DATASET, hiddens_suffix),
-            f"The '{component}' component needs the average activations of the C4 model exp_out/{C4_EXP_NAME}/best.pt "
+            f"The '{component}' component needs the average activations of the C4 model {checkpoint_file(C4_EXP_NAME)} "
             f"on {C4_DATASET}: run colm.main with colm/experiments/eval.gin and the arch gin, EXP_NAME={C4_EXP_NAME}, "
             f"P/EVALUATE/Evaluator.datasets=\"{C4_DATASET}\" (interface \"gen\"), "
             f"P/EVALUATE/Evaluator.analysis_processors=[@SaveAveragedHiddens()] and SaveAveragedHiddens.save_dir="
-            f"\"exp_out/{C4_EXP_NAME}/averaged_hiddens{hiddens_suffix}\" (this needs a {C4_DATASET} scope in the "
+            f"\"{hiddens_dir(C4_EXP_NAME, hiddens_suffix)}\" (this needs a {C4_DATASET} scope in the "
             "dataset registries).")
         averages = split_component(averages, c4_averages, component)
-    state = manipulations.load(exp_name, "exp_name")
-    return manipulations.save(insert_averaged_hiddens_state(state, averages, int(index), arch), exp_name, "exp_name")
+    state = read_experiment(exp_name, "exp_name")
+    return write_experiment(insert_averaged_hiddens_state(state, averages, int(index), arch), exp_name, "exp_name")

@@ -10,8 +10,23 @@ import sys
 
 import gin
 
-from colm.checkpoints import concatenate, manipulations  # noqa: F401  (registers the configurables)
+# Every module with gin-configurable checkpoint functions, so that func_caller.func=@<function> resolves.
+from colm.checkpoints import (  # noqa: F401
+    blocks,
+    concatenate,
+    decoder_router,
+    experts,
+    gates,
+    merging,
+    retrieval,
+    router_from_weights,
+    router_vectors,
+)
+from colm.datasets import families
 from colm.ginparse import parse_gin
+
+# Settings look-ups import the dataset families lazily; their gin configurables must exist before gin locks.
+families.import_all()
 
 _EXPECTED_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, RuntimeError)
 

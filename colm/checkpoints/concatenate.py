@@ -1,44 +1,29 @@
 """Concatenating one-expert checkpoints into one MoE checkpoint (spec 4.6) and printing per-expert commands.
 
 Expert `<name>` is read from `exp_out/datasets_concatenated/<name>_<suffix>/best.pt` (its keys carry index 0)
-and becomes expert i, i = the name's position in the setting (`expert_order.py`); a list may name experts of
-your own ("MyEcho", "MyTask:MYSCOPE"). Beside the concatenated `best.pt`, `experts.json` names the experts in
-index order (colm/checkpoints/experts_file.py), so that analyses can label experts by name.
+and becomes expert i, i = the name's position in the setting (`colm/datasets/settings.py`); a list may name
+experts of your own ("MyEcho", "MyTask:MYSCOPE"). Beside the concatenated `best.pt`, `experts.json` names the experts in
+index order (colm/formats/experts_file.py), so that analyses can label experts by name.
 """
 
 import os
 
 import gin
 
-from colm.checkpoints import keys as K
-from colm.checkpoints import manipulations
-from colm.checkpoints.expert_order import get_setting
-from colm.checkpoints.experts_file import write_experts_file
-from colm.moma.weights import read_checkpoint
+from colm.checkpoints.averaged_hiddens import REINIT_SCRIPT
+from colm.datasets.settings import get_setting
+from colm.formats import keys as K
+from colm.formats.checkpoint_io import read_checkpoint, write_experiment
+from colm.formats.experts_file import write_experts_file
+from colm.formats.layout import CONCATENATED_DIR, checkpoint_file, expert_path
+from colm.utils.coerce import as_bool
 from colm.utils.run_dir import unfinished_warning
-
-CONCATENATED_DIR = "datasets_concatenated"
-REINIT_SCRIPT = "colm/experiments/bash_scripts/reinit_router_embedding.sh"
-
-
-def expert_path(name: str, suffix: str, expert_dir: str = CONCATENATED_DIR) -> str:
-    """Experiment path (relative to exp_out) of one expert's MoE-format checkpoint."""
-    return f"{expert_dir}/{name}_{suffix}"
-
-
-def _as_bool(value, what: str) -> bool:
-    # The original passed "False" as a string somewhere and got True; accept only unambiguous values.
-    if isinstance(value, bool):
-        return value
-    if value in ("True", "False"):
-        return value == "True"
-    raise ValueError(f"{what} must be True or False, got {value!r}.")
 
 
 def _setting(datasets):
-    """{name: scope} of a setting or list of names (expert_order.get_setting). Concatenation reads files by name
-    only, so names of your own need no dataset registry here: their scopes ("Name:SCOPE", or derived from the
-    name) are not checked, and only the printed per-expert commands use them."""
+    """{name: scope} of a setting or list of names (colm.datasets.settings.get_setting). Concatenation reads files
+    by name only, so names of your own need no dataset registry here: their scopes ("Name:SCOPE", or derived from
+    the name) are not checked, and only the printed per-expert commands use them."""
     if datasets is None or (not isinstance(datasets, str) and len(datasets) == 0):
         raise ValueError("run_concatenate.datasets is empty: bind a setting name (e.g. run_concatenate.datasets="
                          "\"Full\") or a list of expert names (names of your own too: [\"MyEcho\", \"MyTask:MYSCOPE\"]).")
@@ -53,7 +38,7 @@ def _single_quoted(text: str) -> str:
 def reinit_router_commands(setting, arch="A2", suffix="lora", compute_hiddens=False, hiddens_suffix="_a2",
                            extra_bindings="") -> str:
     """The `;`-joined reinit_router_embedding.sh commands of the average-activation pass (spec 4.8.3 step 1)."""
-    compute = _as_bool(compute_hiddens, "run_concatenate.compute_hiddens")
+    compute = as_bool(compute_hiddens, "run_concatenate.compute_hiddens")
     return "; ".join(
         f"bash {REINIT_SCRIPT} -exp_name {expert_path(name, suffix)} -dataset {scope} -arch {arch} "
         f"-compute_hiddens {compute} -hiddens_suffix {hiddens_suffix} -extra_bindings {_single_quoted(extra_bindings)}"
@@ -142,12 +127,12 @@ def run_concatenate(arch="A2", datasets=(), print_commands=False, suffix="lora",
     (and returns) the per-expert reinit_router_embedding.sh commands instead. Experts are read from
     exp_out/<expert_dir>/<name>_<suffix>/best.pt (expert_dir "datasets_concatenated", as in the original)."""
     setting = _setting(datasets)
-    if _as_bool(print_commands, "run_concatenate.print_commands"):
+    if as_bool(print_commands, "run_concatenate.print_commands"):
         commands = reinit_router_commands(setting, arch, suffix, compute_hiddens, hiddens_suffix, extra_bindings)
         print(commands)
         return commands
-    out_file = manipulations.checkpoint_file(out_path, "run_concatenate.out_path")
-    files = {name: manipulations.checkpoint_file(expert_path(name, suffix, expert_dir)) for name in setting}
+    out_file = checkpoint_file(out_path, "run_concatenate.out_path")
+    files = {name: checkpoint_file(expert_path(name, suffix, expert_dir)) for name in setting}
     missing = [f for f in files.values() if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(
@@ -156,7 +141,7 @@ def run_concatenate(arch="A2", datasets=(), print_commands=False, suffix="lora",
             f"run_concatenate.suffix={suffix!r}."
         )
     state = concatenate_states(_read_all(files))
-    manipulations.save(state, out_path, "run_concatenate.out_path")
+    write_experiment(state, out_path, "run_concatenate.out_path")
     names_file = write_experts_file(os.path.dirname(out_file), setting)
     print(f"[colm] run_concatenate: {len(files)} experts -> {out_file} (names in {names_file})")
     return out_file

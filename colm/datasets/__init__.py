@@ -1,24 +1,3 @@
-"""Datasets, metrics and tokenization; importing this registers the gin configurables."""
-
-import os
-
-from colm.datasets.dataset import Dataset, InterfaceInfo, special_ids, tokenize
-from colm.datasets.local import LocalDataset, resolve_local_source
-from colm.datasets.metrics import Scorer, compute_metrics
-from colm.datasets.toy import TASKS, ToyDataset
-
-TOY_GIN = os.path.join(os.path.dirname(__file__), "toy.gin")
-
-__all__ = [
-    "Dataset",
-    "InterfaceInfo",
-    "LocalDataset",
-    "TASKS",
-    "Scorer",
-    "TOY_GIN",
-    "ToyDataset",
-    "compute_metrics",
-    "resolve_local_source",
-    "special_ids",
-    "tokenize",
-]
+"""The data room: dataset classes and families, metrics, the gin registries (colm/datasets/*.gin) and which
+scopes run in which order (settings.py). colm.datasets.families finds the families; this file imports nothing,
+so that `python -m colm.datasets.families` (the launchers' registry list) starts fast."""

@@ -25,13 +25,16 @@ Examples are a pure function of (seed, task, split, num_examples); train and val
 input (each input belongs to one split by a hash of its text).
 """
 
+import os
 import zlib
 
 import gin
 import numpy as np
 
 from colm.datasets.dataset import Dataset
+from colm.datasets.settings import register_setting
 
+TOY_GIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.gin")  # the toy world's registry
 SPLITS = ("train", "validation")
 _VALIDATION_MODULUS = 5  # 1 in 5 possible inputs is reserved for validation
 
@@ -276,6 +279,16 @@ def task_of_scope(scope):
 def scope_name(task):
     """Gin scope stem of a task: "film_sentiment" -> "TOYFILMSENTIMENT"."""
     return "TOY" + task.replace("_", "").upper()
+
+
+def expert_name(task):
+    """Expert name of a held-in task: "sentiment" -> "ToySentiment"."""
+    return "Toy" + task.title().replace("_", "")
+
+
+# The toy world's expert setting "Toy": one expert per held-in task, in this order (an expert's index).
+TOY_NAMES = tuple(expert_name(task) for task in HELD_IN_TASKS)
+register_setting("Toy", {expert_name(task): scope_name(task) for task in HELD_IN_TASKS})
 
 
 def input_split(text):

@@ -1,4 +1,4 @@
-"""How a model runs on a batch, per interface (spec 5.4), for encoder-decoder models.
+"""How a model runs on a batch, per interface (spec 5.4), per architecture (BY_ARCHITECTURE; T5: encoder-decoder).
 
 - lm: teacher-forced cross-entropy on the target (mean over non-pad target tokens).
 - gen: greedy (or beam) generation, decoded without special tokens.
@@ -8,6 +8,8 @@
 """
 
 from torch.nn import functional as F
+
+from colm.models.architecture import T5
 
 
 def _labels(target_ids, pad_id):
@@ -61,3 +63,13 @@ def mc_byppl_4encdec(model, batch, interface_info):
 
 
 ENCODER_DECODER = {"lm": lm_4encdec, "gen": gen_4encdec, "mc": mc_byppl_4encdec}
+
+# Model.architecture (module_names.architecture_of) -> {interface name: function(model, batch, interface_info)}
+BY_ARCHITECTURE = {T5: ENCODER_DECODER}
+
+
+def for_architecture(architecture: str) -> dict:
+    if architecture not in BY_ARCHITECTURE:
+        raise NotImplementedError(f"No lm / gen / mc interfaces for architecture {architecture!r}; add them to "
+                                  "colm/models/interfaces.py BY_ARCHITECTURE.")
+    return BY_ARCHITECTURE[architecture]

@@ -1,7 +1,7 @@
 """Model: an HF model plus tokenizer, mutated by moma calls, run through an interface per batch.
 
-Construction: the init moma calls run in order (install addons, LoRA, load weights), then trainable
-parameters are set, then the model moves to its device. `model(batch, interface_info)` clears the shared
+Construction: the init moma calls run in order (install addons, LoRA, load weights; see `moma_calls`), then
+trainable parameters are set, then the model moves to its device. `model(batch, interface_info)` clears the shared
 `global_hidden_dict`, moves the batch, and dispatches to lm / gen / mc (colm/models/interfaces.py).
 """
 
@@ -12,20 +12,20 @@ import gin
 import torch
 from torch import nn
 
-from colm.models import interfaces, module_names
+from colm.datasets.dataset import special_ids
+from colm.models import architecture, interfaces, module_names
 from colm.moma.addons import get_addon, insert_addon
 
 PRECISIONS = {None: None, "None": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def special_token_ids(tokenizer):
-    """(bos or None, eos or None) by probing what the tokenizer adds around a dummy text."""
-    plain = tokenizer("a", add_special_tokens=False).input_ids
-    full = tokenizer("a", add_special_tokens=True).input_ids
-    start = full.index(plain[0]) if plain and plain[0] in full else 0
-    bos = full[0] if start == 1 else None
-    eos = full[-1] if len(full) > start + len(plain) else None
-    return bos, eos
+@gin.configurable
+def moma_calls(build=(), experts=()):
+    """`Model.init_moma_calls = @M/MODEL/moma_calls()` in two parts: `build`, what the model gin installs (LoRA, or
+    the MoE's hidden watchers, routers and experts), then `experts`, where the experts come from (load_weights in
+    eval.gin, extend_moe in train_single_task.gin). So a model gin owns its build list, an experiment adds the rest,
+    and neither file needs to come after the other. Binding Model.init_moma_calls to a list replaces both."""
+    return list(build) + list(experts)
 
 
 @gin.configurable
@@ -37,9 +37,9 @@ class Model(nn.Module):
         self.torch_model = torch_model
         self.tokenizer = tokenizer
         self.architecture = module_names.architecture_of(torch_model)
-        self.interfaces = interfaces.ENCODER_DECODER
+        self.interfaces = interfaces.for_architecture(self.architecture)
         self.pad_id = tokenizer.pad_token_id
-        self.bos_id, self.eos_id = special_token_ids(tokenizer)
+        self.bos_id, self.eos_id = special_ids(tokenizer)
         self.pass_batch_input = pass_batch_input
         self.global_hidden_dict = {}
         self.addons = {}  # addon name -> {module name: addon}
@@ -64,6 +64,11 @@ class Model(nn.Module):
 
     def module(self, name: str) -> nn.Module:
         return self.torch_model.get_submodule(name) if name else self.torch_model
+
+    def token_side(self, module_name: str) -> str:
+        """The tokens a module runs on, "encoder" or "decoder" (colm/models/architecture.py): what moma asks the
+        model instead of reading module names itself."""
+        return architecture.token_side(module_name, self.architecture)
 
     def insert_addon(self, module_name, addon_name, addon, order="last"):
         insert_addon(self.module(module_name), addon_name, addon, order)

@@ -6,6 +6,8 @@ A pattern is a shortcut name, a raw regular expression, a quoted string (taken l
 
 import re
 
+from colm.models.architecture import T5 as T5_ARCHITECTURE
+
 SHARED = {
     "all": r".*",
     "model": r"",
@@ -31,13 +33,13 @@ T5 = {
     "decoder_final_ln": r"decoder\.final_layer_norm",
 }
 
-SHORTCUTS = {"t5": {**SHARED, **T5}}
+SHORTCUTS = {T5_ARCHITECTURE: {**SHARED, **T5}}
 
 
 def architecture_of(torch_model) -> str:
     model_type = getattr(getattr(torch_model, "config", None), "model_type", "")
     if model_type in ("t5", "mt5", "umt5"):
-        return "t5"
+        return T5_ARCHITECTURE
     raise NotImplementedError(
         f"No module-name shortcuts for model_type {model_type!r}; add them to colm/models/module_names.py."
     )

@@ -3,8 +3,8 @@
 `insert_feature_extractor` puts one FeatureExtractor on the encoder stack. Before the encoder runs it
 embeds every example of the raw batch (needs `Model.pass_batch_input=True`) with all-MiniLM-L6-v2 and
 writes the (rows, 384) embeddings under ("hidden_states", <addon name>, <module>), where a retrieval
-Router (`Router.is_retriever=True`, made by make_moe with expose_hiddens_addon_name="feature_extractor")
-reads them.
+Router (`Router.is_retriever=True`, made by make_moe with expose_hiddens_addon_name="feature_extractor";
+colm/moma/retrieval_routing.py) reads them.
 """
 
 import gin
@@ -12,15 +12,7 @@ import torch
 
 from colm.moma.addons import Addon
 from colm.moma.embedder import DEFAULT_MODEL, embed_texts
-
-
-def parse_bool(value, what: str) -> bool:
-    """True/False, also as the strings "True"/"False" that launchers pass (the original read "False" as true)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"{what} must be True or False, got {value!r}.")
+from colm.utils.coerce import as_bool
 
 
 def example_text(input_str: str, answer_choices, include_answer_choices: bool) -> str:
@@ -50,7 +42,7 @@ class FeatureExtractor(Addon):
         super().__init__(global_hidden_dict, host_name)
         self.write_key = write_key  # make_moe hands this key to the router
         self.model_name = model_name
-        self.include_answer_choices = parse_bool(include_answer_choices, "FeatureExtractor.include_answer_choices")
+        self.include_answer_choices = as_bool(include_answer_choices, "FeatureExtractor.include_answer_choices")
         self.batch_size = batch_size
 
     def pre_forward(self, args, kwargs):
@@ -86,9 +78,3 @@ def insert_feature_extractor(model, feature_extractor_module="encoder",
     addon = FeatureExtractor(model.global_hidden_dict, name, key)
     # "first": the embeddings must be there before the router on the same module reads them.
     model.insert_addon(name, feature_extractor_addon_name, addon, order="first")
-
-
-@gin.configurable
-def retrieval_router_size(library_rows=1000, embedding_dim=384):
-    """Router.d_router of a retrieval router: a library of `library_rows` embeddings, flattened."""
-    return int(library_rows) * int(embedding_dim)

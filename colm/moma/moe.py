@@ -7,56 +7,61 @@ sum_{top-k} p_j (x layer1_j layer2_j) / r to the module output, computing only t
 sees one vector per example and every token of that example gets the example's weights: one code path.
 
 Experts are held stacked (N x d_in x r, N x r x d_out, N x d_router). State-dict hooks read and write the
-original's per-expert keys `layer1__<i>`, `layer2__<i>`, `expert_embeddings__<i>`, and loading a
-checkpoint into a model with no experts creates them in index order (see `prepare_load`).
+original's per-expert keys `layer1__<i>`, `layer2__<i>`, `expert_embeddings__<i>` (spelled by
+colm/formats/keys.py), and loading a checkpoint into a model with no experts creates them in index order (see
+`prepare_load`). Score types are colm/moma/routing.py's SCORE_TYPES; retrieval routing is
+colm/moma/retrieval_routing.py; sizes such as "host_module.in_features" are colm/moma/sizes.py.
 """
-
-import re
 
 import gin
 import torch
 from torch import nn
 
+from colm.formats import keys
 from colm.moma import routing
 from colm.moma.addons import Addon
+from colm.moma.retrieval_routing import RetrievalRouting
+from colm.moma.sizes import resolve_size
+from colm.utils.coerce import as_bool
 
-SCORE_TYPES = ("original", "dot", "cosine", "weighted_cosine", "arrow")
+
+def _indexed_name(param, index):
+    """`<param>__<index>`: expert `index`'s parameter inside its addon, spelled by colm/formats/keys.py."""
+    key = keys.IndexedKey("m", param, index)
+    return key.key[len(key.prefix):]
+
+
+def _index_of(param, name):
+    """The expert index of a parameter name inside an addon (`layer1__3` -> 3 for param "layer1"), else None."""
+    parsed = keys.parse_indexed(keys.IndexedKey("m", param, 0).prefix + name)
+    return parsed.index if parsed is not None and parsed.param == param else None
 
 
 class MoELink:
-    """Ties one router to its expert layers; holds the ordered expert identifiers ("_0", "_1", ...)."""
+    """Ties one router to its expert layers; holds the number of experts (indexed 0..N-1)."""
 
     def __init__(self):
-        self.identifiers = []
+        self.size = 0
         self.members = []
 
     def __len__(self):
-        return len(self.identifiers)
+        return self.size
 
-    def extend(self, num_new_experts, weight_init="from_scratch", identifier_stem=""):
-        used = [int(i.rsplit("_", 1)[1]) for i in self.identifiers if i.rsplit("_", 1)[0] == identifier_stem]
-        start = max(used, default=-1) + 1
-        self.identifiers += [f"{identifier_stem}_{start + k}" for k in range(num_new_experts)]
+    def extend(self, num_new_experts, weight_init="from_scratch"):
+        self.size += num_new_experts
         for member in self.members:
             member.grow(num_new_experts, weight_init)
 
-    def adopt(self, identifiers, source):
-        """Sets the experts a checkpoint defines on a link that has none yet."""
-        if self.identifiers:
-            if list(identifiers) != self.identifiers[: len(identifiers)]:
-                raise ValueError(
-                    f"{source} holds experts {list(identifiers)[:5]}... but the model already has "
-                    f"{self.identifiers[:5]}...; load it into a model without experts (no extend_moe)."
-                )
+    def adopt(self, count, source):
+        """Sets the experts a checkpoint defines (indices 0..count-1) on a link that has none yet."""
+        if self.size:
+            if count > self.size:
+                raise ValueError(f"{source} holds {count} experts but the model already has {self.size}; load it "
+                                 "into a model without experts (no extend_moe).")
             return
-        self.identifiers = list(identifiers)
+        self.size = count
         for member in self.members:
-            member.grow(len(identifiers), "from_scratch")
-
-
-def _identifier_key(identifier):
-    stem, number = identifier.rsplit("_", 1)
-    return stem, int(number)
+            member.grow(count, "from_scratch")
 
 
 class ExtendableAddon(Addon):
@@ -76,31 +81,32 @@ class ExtendableAddon(Addon):
     def _split_experts(module, state_dict, prefix, local_metadata):
         for name in module.stacked:
             stacked = state_dict.pop(prefix + name)
-            for row, identifier in enumerate(module.link.identifiers):
-                state_dict[f"{prefix}{name}_{identifier}"] = stacked[row]
+            for index in range(len(module.link)):
+                state_dict[prefix + _indexed_name(name, index)] = stacked[index]
 
     @staticmethod
     def _stack_experts(module, state_dict, prefix, *args):
         for name in module.stacked:
-            keys = [f"{prefix}{name}_{identifier}" for identifier in module.link.identifiers]
-            present = [k in state_dict for k in keys]
+            names = [prefix + _indexed_name(name, index) for index in range(len(module.link))]
+            present = [k in state_dict for k in names]
             if not any(present):
                 continue
             if not all(present):
-                missing = [k for k, p in zip(keys, present) if not p]
+                missing = [k for k, p in zip(names, present) if not p]
                 raise KeyError(f"Checkpoint has some experts of {prefix}{name} but not {missing[:3]}.")
-            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in names])
 
     def prepare_load(self, prefix, state_dict):
         name = self.stacked[0]
-        pattern = re.compile(re.escape(prefix + name) + r"_(.*_\d+)$")
-        identifiers = [m.group(1) for key in state_dict if (m := pattern.match(key))]
-        if identifiers:
-            self.link.adopt(sorted(identifiers, key=_identifier_key), prefix + name)
-            self.match_checkpoint_shapes(prefix, state_dict)
+        indices = [index for key in state_dict if key.startswith(prefix)
+                   and (index := _index_of(name, key[len(prefix):])) is not None]
+        if indices:
+            keys.check_contiguous(indices, prefix + name)
+            self.link.adopt(len(indices), prefix + name)
+            self.match_checkpoint_shapes(state_dict[prefix + _indexed_name(name, 0)])
 
-    def match_checkpoint_shapes(self, prefix, state_dict):
-        pass
+    def match_checkpoint_shapes(self, first):
+        """Adapts to the checkpoint's tensor for expert 0 of stacked[0] (e.g. its rank)."""
 
     def grow(self, num_new, weight_init):
         for name in self.stacked:
@@ -117,24 +123,14 @@ class ExtendableAddon(Addon):
         raise NotImplementedError
 
 
-def resolve_size(value, host, model_config):
-    """'host_module.in_features' / 'host_module.out_features' / 'model.d_model' or a number."""
-    if isinstance(value, str):
-        owner, attribute = value.split(".", 1)
-        source = host if owner == "host_module" else model_config
-        if not hasattr(source, attribute):
-            raise ValueError(f"Cannot resolve size {value!r} for module {type(host).__name__}.")
-        return getattr(source, attribute)
-    return value
-
-
 @gin.configurable
 class Router(ExtendableAddon):
     """Routing probabilities over the link's experts from an exposed hidden state.
 
-    score_type: "original" (standardise both sides), "dot", "cosine", "weighted_cosine" (cosine with a learned
-    elementwise weight on the expert vectors), "arrow" (|x.g| / temperature); times sqrt(1/d) when
-    scaling_scores. router_type "smear" (softmax) or "top1".
+    score_type: a name in routing.SCORE_TYPES ("original": standardise both sides, the paper's); times
+    sqrt(1/d) when scaling_scores. A score type with learned router weights gets a `weights` parameter (d_router,
+    init ones). router_type "smear" (softmax) or "top1". is_retriever: retrieval routing instead of scores
+    (colm/moma/retrieval_routing.py; d_router is then the library width, retrieval_embedding_dim its row width).
 
     Centring (beyond the paper): a checkpoint may hold `<module>._addons.router.input_mean` (d_router), the
     router's mean input measured on calibration data (colm/procedures/calibration.py); the scores are then
@@ -152,39 +148,42 @@ class Router(ExtendableAddon):
     SCORES_KIND = "router_scores"
 
     def __init__(self, global_hidden_dict, host_name, link, read_key, write_key, host, model_config,
-                 d_router=gin.REQUIRED,
+                 on_decoder_tokens=False, d_router=gin.REQUIRED,
                  position="before", router_type="smear", score_type="original", scaling_scores=True,
                  temperature=10.0, elementwise_affine=False, epsilon=1e-6, is_retriever=False,
                  retrieval_embedding_dim=384, center_inputs="auto"):
         super().__init__(global_hidden_dict, host_name, link)
-        if center_inputs not in (True, False, "True", "False", "auto"):
-            raise ValueError(f"Router.center_inputs={center_inputs!r}; choose 'auto' (centre when the checkpoint "
-                             "holds input means), True or False.")
-        self.center_inputs = center_inputs if center_inputs == "auto" else center_inputs in (True, "True")
-        if score_type not in SCORE_TYPES:
-            raise ValueError(f"Router.score_type={score_type!r}; choose one of {SCORE_TYPES}.")
+        if center_inputs == "auto":
+            self.center_inputs = "auto"
+        else:
+            try:
+                self.center_inputs = as_bool(center_inputs, "Router.center_inputs")
+            except ValueError:
+                raise ValueError(f"Router.center_inputs={center_inputs!r}; choose 'auto' (centre when the checkpoint "
+                                 "holds input means), True or False.") from None
+        if score_type not in routing.SCORE_TYPES:
+            raise ValueError(f"Router.score_type={score_type!r}; choose one of {tuple(routing.SCORE_TYPES)}.")
         if router_type not in routing.ROUTER_TYPES:
             raise ValueError(f"Router.router_type={router_type!r}; choose one of {routing.ROUTER_TYPES}.")
-        if elementwise_affine not in (False, "False"):
+        if as_bool(elementwise_affine, "Router.elementwise_affine"):
             raise NotImplementedError("Router.elementwise_affine=True is not supported; use score_type options.")
         if position != "before":
             raise NotImplementedError("Router.position must be 'before'.")
         self.read_key, self.write_key = read_key, write_key
         self.scores_key = (self.SCORES_KIND,) + tuple(write_key[1:])
         self.d_router = d_router = resolve_size(d_router, host, model_config)
-        self.is_retriever = is_retriever in (True, "True")
-        self.retrieval_embedding_dim = retrieval_embedding_dim
+        self.retrieval = None
+        if as_bool(is_retriever, "Router.is_retriever"):
+            self.retrieval = RetrievalRouting(retrieval_embedding_dim, epsilon)
         self.epsilon = epsilon
         self.router_type, self.score_type = router_type, score_type
-        # weighted_cosine is cosine scoring with learned weights folded into the prepared vectors.
-        self.routing_score_type = "cosine" if score_type == "weighted_cosine" else score_type
-        self.scaling_scores = scaling_scores in (True, "True")
+        self.scaling_scores = as_bool(scaling_scores, "Router.scaling_scores")
         self.temperature = temperature
         self.expert_embeddings = nn.Parameter(torch.zeros(0, d_router))
-        if score_type == "weighted_cosine":
-            self.weights = nn.Parameter(torch.ones(d_router))
-        # Decoder routers also keep every step's weights, so generated tokens can be analysed.
-        self.concatenate = "decoder" in host_name and not re.search(r"EncDecAttention\.[kv]$", host_name)
+        learned = routing.SCORE_TYPES[score_type].learned_router_weights
+        self.register_parameter("weights", nn.Parameter(torch.ones(d_router)) if learned else None)
+        # Routers on decoder tokens also keep every step's weights, so generated tokens can be analysed.
+        self.concatenate = on_decoder_tokens
         self._prepared, self._prepared_for = None, None
         # Absent (None: not in the state dict) until a checkpoint with input means is loaded or set_input_mean.
         self.register_buffer(self.INPUT_MEAN, None)
@@ -196,7 +195,7 @@ class Router(ExtendableAddon):
         super().prepare_load(prefix, state_dict)
         mean = state_dict.get(prefix + self.INPUT_MEAN)
         if mean is not None:
-            if self.is_retriever:
+            if self.retrieval is not None:
                 raise ValueError(f"{prefix}{self.INPUT_MEAN}: a retrieval router does not centre its inputs; remove "
                                  "the key from the checkpoint.")
             if tuple(mean.shape) != (self.d_router,):
@@ -227,30 +226,28 @@ class Router(ExtendableAddon):
                 "Router.center_inputs=\"auto\".")
         return self.input_mean
 
-    def match_checkpoint_shapes(self, prefix, state_dict):
-        first = state_dict.get(f"{prefix}expert_embeddings_{self.link.identifiers[0]}")
-        if self.is_retriever and first is not None and first.shape[-1] != self.d_router:
+    def match_checkpoint_shapes(self, first):
+        if self.retrieval is not None and first.shape[-1] != self.d_router:
             # A retrieval library's width is rows x embedding size: take it from the checkpoint.
             self.d_router = first.shape[-1]
             self.expert_embeddings = nn.Parameter(self.expert_embeddings.new_zeros(len(self.link), self.d_router))
 
     def _prepare(self, g):
-        if self.is_retriever:  # L2-normalised library rows (N, K, dim)
-            rows = g.float().view(g.shape[0], -1, self.retrieval_embedding_dim)
-            return torch.nn.functional.normalize(rows, dim=-1, eps=self.epsilon)
-        return routing.prepare_router_vectors(g.float(), self.routing_score_type)
+        if self.retrieval is not None:
+            return self.retrieval.libraries(g)
+        return routing.prepare_router_vectors(g.float(), self.score_type, self.weights)
 
     def prepared_vectors(self):
-        """Standardised / normalised router vectors (or retrieval library), recomputed only when they change."""
+        """Prepared router vectors (or retrieval libraries), recomputed only when they change."""
         g = self.expert_embeddings
-        if g.requires_grad or self.score_type == "weighted_cosine":  # trained: recompute, keep the graph
-            prepared = self._prepare(g)
-            return prepared * self.weights if self.score_type == "weighted_cosine" else prepared
+        if g.requires_grad or self.weights is not None:  # trained: recompute, keep the graph
+            return self._prepare(g)
         # _version counts in-place updates (e.g. a load); inference tensors have none and cannot be updated.
         version = (g.data_ptr(), None if g.is_inference() else g._version, g.dtype, g.device, tuple(g.shape))
         if self._prepared_for != version:
             with torch.no_grad():
-                self._prepared = self._prepare(g)
+                # detach: "dot" / "arrow" prepare g itself, and a Parameter attribute would join the state dict.
+                self._prepared = self._prepare(g).detach()
             self._prepared_for = version
         return self._prepared
 
@@ -258,12 +255,11 @@ class Router(ExtendableAddon):
         if len(self.link) == 0:
             raise RuntimeError(f"Router on {self.host_name} has no experts: load a checkpoint or call extend_moe.")
         hidden = self.global_hidden_dict[self.read_key]
-        if self.is_retriever:
-            probs = retrieval_one_hot(hidden, self.prepared_vectors(), self.epsilon)
-            self.global_hidden_dict[self.write_key] = probs
+        if self.retrieval is not None:
+            self.global_hidden_dict[self.write_key] = self.retrieval.route(hidden, self.prepared_vectors())
             return None
         mean = self.centring_mean()
-        scores = routing.router_scores(hidden.float(), self.prepared_vectors(), self.routing_score_type,
+        scores = routing.router_scores(hidden.float(), self.prepared_vectors(), self.score_type,
                                        self.scaling_scores, self.temperature,
                                        input_mean=None if mean is None else mean.float())
         probs = routing.probs_from_scores(scores, self.router_type)
@@ -273,15 +269,6 @@ class Router(ExtendableAddon):
             self.global_hidden_dict.setdefault(self.write_key + ("concatenated",), []).append(probs)
             self.global_hidden_dict.setdefault(self.scores_key + ("concatenated",), []).append(scores)
         return None
-
-
-def retrieval_one_hot(queries, library, eps=1e-6):
-    """Retrieval routing: `library` (N, K, dim) holds each expert's K L2-normalised example embeddings (zero
-    rows for padding); an example goes to the expert holding its most similar library example.
-    Returns one-hot weights (B, N)."""
-    queries = torch.nn.functional.normalize(queries.float(), dim=-1, eps=eps)
-    best = torch.einsum("bd,nkd->bnk", queries, library).amax(dim=-1)  # (B, N): max cosine per expert
-    return torch.nn.functional.one_hot(best.argmax(dim=-1), library.shape[0]).to(queries.dtype)
 
 
 @gin.configurable
@@ -316,8 +303,8 @@ class FFNExperts(ExtendableAddon):
         d_in, d_out = resolve_size(d_in, host, model_config), resolve_size(d_out, host, model_config)
         self.d_in, self.d_out, self.d_bottleneck = d_in, d_out, d_bottleneck
         self.topk_value = None if topk_value in (None, "None") else int(topk_value)
-        self.normalize_topk = normalize_topk in (True, "True")
-        self.scale = 1.0 / d_bottleneck if divide_by_d_bottleneck in (True, "True") else 1.0
+        self.normalize_topk = as_bool(normalize_topk, "FFNExperts.normalize_topk")
+        self.scale = 1.0 / d_bottleneck if as_bool(divide_by_d_bottleneck, "FFNExperts.divide_by_d_bottleneck") else 1.0
         self.init_scale, self.epsilon = init_scale, epsilon
         self.layer1 = nn.Parameter(torch.zeros(0, d_in, d_bottleneck))
         self.layer2 = nn.Parameter(torch.zeros(0, d_bottleneck, d_out))
@@ -331,9 +318,8 @@ class FFNExperts(ExtendableAddon):
             return torch.randn(num_new, self.d_in, rank) * self.init_scale
         return torch.zeros(num_new, rank, self.d_out)
 
-    def match_checkpoint_shapes(self, prefix, state_dict):
-        first = state_dict.get(f"{prefix}layer1_{self.link.identifiers[0]}")
-        if first is not None and first.dim() == 2 and first.shape[1] != self.layer1.shape[2]:
+    def match_checkpoint_shapes(self, first):
+        if first.dim() == 2 and first.shape[1] != self.layer1.shape[2]:
             rank = first.shape[1]  # e.g. a merged expert of rank N*r
             self.layer1 = nn.Parameter(self.layer1.new_zeros(len(self.link), self.d_in, rank))
             self.layer2 = nn.Parameter(self.layer2.new_zeros(len(self.link), rank, self.d_out))
@@ -394,7 +380,8 @@ def make_moe(model, expert_class="ffn", expert_modules=gin.REQUIRED, router_modu
     for name, host in model.match_modules(router_modules).items():
         source = _nearest(name, list(exposers))
         router = Router(model.global_hidden_dict, name, MoELink(), exposers[source].write_key,
-                        ("routing_weights", router_addon_name, name), host, config)
+                        ("routing_weights", router_addon_name, name), host, config,
+                        on_decoder_tokens=model.token_side(name) == "decoder")
         model.insert_addon(name, router_addon_name, router, order="last")
         routers[name] = router
     if not routers:
@@ -415,11 +402,15 @@ def make_moe(model, expert_class="ffn", expert_modules=gin.REQUIRED, router_modu
 @gin.configurable
 def extend_moe(model, num_new_experts=gin.REQUIRED, weight_init="from_scratch", router_addon_name="router",
                identifier_stem=""):
+    """Adds num_new_experts experts after the existing ones (indices N..N+num_new_experts-1)."""
+    if identifier_stem != "":
+        raise ValueError(f"extend_moe.identifier_stem={identifier_stem!r}: experts are numbered 0..N-1 without a "
+                         "stem (checkpoint keys <param>__<index>, colm/formats/keys.py); leave it \"\".")
     routers = model.addons.get(router_addon_name, {})
     if not routers:
         raise ValueError(f"extend_moe: no '{router_addon_name}' addons; call make_moe first.")
     for router in routers.values():
-        router.link.extend(num_new_experts, weight_init, identifier_stem)
+        router.link.extend(num_new_experts, weight_init)
 
 
 def expert_count(model, router_addon_name="router"):

@@ -1,7 +1,8 @@
 """PHATGOOSE per-token routing among N LoRA experts, as pure functions.
 
 For one linear layer with token activations x (..., d_in):
-  1. score_i  = <standardise(x), standardise(g_i)> * sqrt(1/d_in)        ("original" score type)
+  1. score_i  = <standardise(x), standardise(g_i)> * sqrt(1/d_in)        ("original" score type; the others
+     are in the SCORE_TYPES table)
      or, with centring (beyond the paper, `input_mean` mu given):
      score_i  = <standardise(x - mu), standardise(g_i)> * sqrt(1/d_in)
      where mu (d_in) is the mean token activation of this layer measured on calibration data. Only the
@@ -25,11 +26,12 @@ Speed notes (measured by benchmarks/routing.py):
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-SCORE_TYPES = ("original", "dot", "cosine", "arrow")
 ROUTER_TYPES = ("smear", "top1")
 LAYER_NORM_EPS = 1e-5  # eps of the affine-free LayerNorm of the "original" score
 COSINE_EPS = 1e-6  # eps of the L2 normalisation of the "cosine" score
@@ -45,32 +47,116 @@ CHUNK_PADDING_SLACK = 16
 DENSE_MAX_EXPERTS_PER_K = 4
 
 
-def _check_score_type(score_type):
-    if score_type not in SCORE_TYPES:
-        raise ValueError(f"score_type must be one of {SCORE_TYPES}, got {score_type!r}.")
-
-
 def standardize(v, eps=LAYER_NORM_EPS):
     """(v - mean) / sqrt(biased var + eps) over the last dim: LayerNorm without affine parameters."""
     var, mean = torch.var_mean(v, dim=-1, correction=0, keepdim=True)
     return (v - mean) * torch.rsqrt(var + eps)
 
 
-def prepare_router_vectors(g, score_type="original"):
+# ----- score types -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreType:
+    """How one router score type scores tokens x (..., d_in) against router vectors g (N, d_in).
+
+    Fast path: P = prepare(g) once per checkpoint load, then per token
+        scores = finish(x @ P^T, temperature) * token_factor(x)     [* sqrt(1/d_in) if scaling_scores]
+    x @ P^T can come from a GEMM fused with the host linear, and centring (x - mu) corrects it by mu @ P^T.
+    token_factor(x): (..., 1) float32, or None for 1. finish(scores, temperature): or None for no change.
+    reference(x, g, temperature, router_weights): the unscaled scores the slow, obvious way (dense_reference).
+    learned_router_weights: the Router learns a (d_in,) vector (init ones) that multiplies P elementwise.
+    """
+
+    prepare: Callable
+    reference: Callable
+    token_factor: Callable | None = None
+    finish: Callable | None = None
+    learned_router_weights: bool = False
+
+
+def _unchanged(g):
+    return g
+
+
+def _l2_normalize(v):
+    return F.normalize(v, p=2.0, dim=-1, eps=COSINE_EPS)
+
+
+def _inverse_std(x):
+    # 1 / std(x) from the first two moments: two cheap reductions instead of torch.var (slow on CPU)
+    # or materialising x - mean. E[x^2] - E[x]^2 loses precision only when |mean| >> std.
+    d_in = x.shape[-1]
+    mean = x.mean(dim=-1, keepdim=True, dtype=torch.float32)
+    mean_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / d_in
+    var = (mean_sq - mean * mean).clamp(min=0.0)
+    return torch.rsqrt(var + LAYER_NORM_EPS)
+
+
+def _inverse_norm(x):
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return 1.0 / norm.clamp(min=COSINE_EPS)
+
+
+def _abs_over_temperature(scores, temperature):
+    return (scores / temperature).abs()
+
+
+def _original_reference(x, g, temperature, router_weights):
+    d_in = x.shape[-1]
+    return F.layer_norm(x, (d_in,), eps=LAYER_NORM_EPS) @ F.layer_norm(g, (d_in,), eps=LAYER_NORM_EPS).T
+
+
+def _dot_reference(x, g, temperature, router_weights):
+    return x @ g.T
+
+
+def _cosine_reference(x, g, temperature, router_weights):
+    return F.normalize(x, dim=-1, eps=COSINE_EPS) @ F.normalize(g, dim=-1, eps=COSINE_EPS).T
+
+
+def _weighted_cosine_reference(x, g, temperature, router_weights):
+    weights = 1.0 if router_weights is None else router_weights
+    return F.normalize(x, dim=-1, eps=COSINE_EPS) @ (F.normalize(g, dim=-1, eps=COSINE_EPS) * weights).T
+
+
+def _arrow_reference(x, g, temperature, router_weights):
+    return torch.abs(x @ g.T / temperature)
+
+
+SCORE_TYPES = {
+    # The paper's score: both sides standardised (LayerNorm without affine parameters).
+    "original": ScoreType(prepare=standardize, token_factor=_inverse_std, reference=_original_reference),
+    "dot": ScoreType(prepare=_unchanged, reference=_dot_reference),
+    "cosine": ScoreType(prepare=_l2_normalize, token_factor=_inverse_norm, reference=_cosine_reference),
+    "weighted_cosine": ScoreType(prepare=_l2_normalize, token_factor=_inverse_norm,
+                                 reference=_weighted_cosine_reference, learned_router_weights=True),
+    # Arrow routing: |x . u| / temperature, u the top left singular vector of each expert's update.
+    "arrow": ScoreType(prepare=_unchanged, finish=_abs_over_temperature, reference=_arrow_reference),
+}
+
+
+def get_score_type(score_type):
+    """The SCORE_TYPES entry named score_type; a ValueError listing the names for any other value."""
+    if not isinstance(score_type, str) or score_type not in SCORE_TYPES:
+        raise ValueError(f"score_type must be one of {tuple(SCORE_TYPES)}, got {score_type!r}.")
+    return SCORE_TYPES[score_type]
+
+
+def prepare_router_vectors(g, score_type="original", router_weights=None):
     """Everything that depends only on the router vectors g (N, d_in); compute once per checkpoint load.
 
-    Returns a (N, d_in) matrix P such that the raw scores are x @ P^T, corrected per token by `router_probs`:
-    standardised g for "original", L2-normalised g for "cosine", g itself for "dot" and "arrow".
+    Returns a (N, d_in) matrix P such that the raw scores are x @ P^T, corrected per token by `router_scores`
+    (ScoreType.prepare, times router_weights (d_in,) for a score type with learned router weights).
     Differentiable, so the gate-training stage can call it every step instead.
     """
-    _check_score_type(score_type)
+    spec = get_score_type(score_type)
     if g.dim() != 2:
         raise ValueError(f"router vectors must be (N, d_in), got shape {tuple(g.shape)}.")
-    if score_type == "original":
-        return standardize(g)
-    if score_type == "cosine":
-        return F.normalize(g, p=2.0, dim=-1, eps=COSINE_EPS)
-    return g
+    if router_weights is not None and not spec.learned_router_weights:
+        raise ValueError(f"score_type {score_type!r} has no learned router weights.")
+    prepared = spec.prepare(g)
+    return prepared if router_weights is None else prepared * router_weights
 
 
 def fuse_linear_and_router(weight, prepared):
@@ -102,33 +188,17 @@ def linear_and_router_scores(x, weight, prepared, bias=None, fused_weight=None):
     return y[..., :d_out], y[..., d_out : d_out + n_experts]
 
 
-def _token_factor(x, score_type):
-    """Per-token multiplier (..., 1), in float32, turning x @ P^T into the un-scaled score (None if 1)."""
-    if score_type == "original":
-        # 1 / std(x) from the first two moments: two cheap reductions instead of torch.var (slow on CPU)
-        # or materialising x - mean. E[x^2] - E[x]^2 loses precision only when |mean| >> std.
-        d_in = x.shape[-1]
-        mean = x.mean(dim=-1, keepdim=True, dtype=torch.float32)
-        mean_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / d_in
-        var = (mean_sq - mean * mean).clamp(min=0.0)
-        return torch.rsqrt(var + LAYER_NORM_EPS)
-    if score_type == "cosine":
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        return 1.0 / norm.clamp(min=COSINE_EPS)
-    return None
-
-
 def router_scores(x, prepared, score_type="original", scaling_scores=True, temperature=10.0, raw_scores=None,
                   input_mean=None):
     """Scores (..., N), float32 (float64 for float64 inputs), before the softmax.
 
-    original: <standardise(x), standardise(g)>, cosine: <x/|x|, g/|g|>, dot: <x, g>, arrow: |<x, g> / temperature|;
-    all times sqrt(1/d_in) if scaling_scores. `raw_scores` = x @ prepared^T if already computed (fused GEMM).
+    The score of `score_type` (SCORE_TYPES; `prepared` from prepare_router_vectors with the same score type), times
+    sqrt(1/d_in) if scaling_scores. `raw_scores` = x @ prepared^T if already computed (fused GEMM).
     input_mean (d_in,): centring; every score is computed for x - input_mean instead of x (a precomputed
     `raw_scores` is corrected by input_mean @ prepared^T, so the fused GEMM still serves). None: no centring,
     and nothing is computed for it.
     """
-    _check_score_type(score_type)
+    spec = get_score_type(score_type)
     d_in = x.shape[-1]
     if input_mean is not None:
         if tuple(input_mean.shape) != (d_in,):
@@ -143,9 +213,9 @@ def router_scores(x, prepared, score_type="original", scaling_scores=True, tempe
         dtype = torch.promote_types(x.dtype, prepared.dtype)
         raw_scores = F.linear(x.to(dtype), prepared.to(dtype))
     scores = raw_scores.to(torch.promote_types(raw_scores.dtype, torch.float32))
-    factor = _token_factor(x, score_type)
-    if score_type == "arrow":
-        scores = (scores / temperature).abs()
+    factor = None if spec.token_factor is None else spec.token_factor(x)
+    if spec.finish is not None:
+        scores = spec.finish(scores, temperature)
     if scaling_scores:
         factor = math.sqrt(1.0 / d_in) if factor is None else factor * math.sqrt(1.0 / d_in)
     if factor is not None:
@@ -336,22 +406,14 @@ def route_and_apply(x, prepared, layer1, layer2, k, normalize_topk, scale, score
 
 
 def dense_reference(x, g, layer1, layer2, k, normalize_topk, scale, score_type="original", scaling_scores=True,
-                    router_type="smear", temperature=10.0, input_mean=None):
+                    router_type="smear", temperature=10.0, input_mean=None, router_weights=None):
     """REFERENCE ONLY (tests): steps 1-5 done the slow, obvious way, every expert on every token.
-    input_mean: the scores are those of x - input_mean (centring); the experts still see x."""
+    input_mean: the scores are those of x - input_mean (centring); the experts still see x.
+    router_weights: the learned (d_in,) weights of a score type that has them (None: ones)."""
     d_in = x.shape[-1]
     n_experts = g.shape[0]
     s = x if input_mean is None else x - input_mean
-    if score_type == "original":
-        scores = F.layer_norm(s, (d_in,), eps=LAYER_NORM_EPS) @ F.layer_norm(g, (d_in,), eps=LAYER_NORM_EPS).T
-    elif score_type == "cosine":
-        scores = F.normalize(s, dim=-1, eps=COSINE_EPS) @ F.normalize(g, dim=-1, eps=COSINE_EPS).T
-    elif score_type == "dot":
-        scores = s @ g.T
-    elif score_type == "arrow":
-        scores = torch.abs(s @ g.T / temperature)
-    else:
-        raise ValueError(score_type)
+    scores = get_score_type(score_type).reference(s, g, temperature, router_weights)
     if scaling_scores:
         scores = scores * math.sqrt(1.0 / d_in)
     probs = torch.softmax(scores, dim=-1)

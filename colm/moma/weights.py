@@ -1,70 +1,28 @@
-"""Saving and loading weights: the original's `.pt` layout (a flat {key: tensor} dict of the HF model's
-state-dict keys), or safetensors when the path ends in `.safetensors`.
+"""The moma calls that save a model's weights to a checkpoint and load them into a model (save_weights,
+load_weights); the files themselves are read and written by colm/formats/checkpoint_io.py.
 
-Writes are atomic (temporary file, then rename): an interrupted save never destroys an existing file.
-Loads use `weights_only=True`. Refused, with a message that names them: unexpected keys, shape mismatches,
-NaN / Inf values (naming the module), an empty checkpoint, and expert tensors the model expects but the file
-lacks when nothing else would set them (a frozen model: the evaluation would run them at their initial
-values). Missing expert tensors that training will set are reported with their count. The frozen base
-model's own weights are never expected: a checkpoint holds only experts, gates and routers.
+Loading refuses, with a message that names them: unexpected keys, shape mismatches, NaN / Inf values
+(naming the module), an empty checkpoint, and expert tensors the model expects but the file lacks when
+nothing else would set them (a frozen model: the evaluation would run them at their initial values).
+Missing expert tensors that training will set are reported with their count. The frozen base model's own
+weights are never expected: a checkpoint holds only experts, gates and routers.
 """
 
-import glob
 import os
 import re
 
 import gin
 import torch
 
-from colm.checkpoints import keys as K
-from colm.utils.atomic import atomic_path
+from colm.formats import keys as K
+from colm.formats.checkpoint_io import numbered_files, read_checkpoint, write_checkpoint
+from colm.formats.layout import numbered_file
 from colm.utils.paths import expand
 
 
-def read_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} does not exist (each stage writes exp_out/<exp_name>/best.pt).")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt or truncated file, or a pickle that is not plain tensors
-        raise RuntimeError(_unreadable_message(path, error)) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"Checkpoint {path} is not a flat {{key: tensor}} dict.")
-    return state
-
-
-def _unreadable_message(path: str, error: Exception) -> str:
-    """Why a checkpoint could not be read, without torch's advice to retry with weights_only=False (which
-    would run whatever code a crafted file carries)."""
-    size = os.path.getsize(path)
-    text = str(error)
-    if "weights_only" in text or "Unsupported global" in text or "Unpickl" in type(error).__name__:
-        return (f"Checkpoint {path} holds Python objects other than tensors; colm loads only plain "
-                "{key: tensor} files and never runs code from a checkpoint. Re-create it with colm "
-                "(save_weights or the checkpoint scripts), or convert it to safetensors in a trusted environment.")
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return (f"Could not read checkpoint {path} ({size} bytes): {first_line}. The file is truncated or corrupt "
-            "(e.g. a copy or a save that was interrupted): copy it again or re-run the stage that writes it.")
-
-
-def write_checkpoint(state: dict, path: str) -> None:
-    with atomic_path(path) as tmp:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-        else:
-            torch.save(state, tmp)
-
-
-def _next_free_index(path: str) -> str:
-    stem, ext = os.path.splitext(path)
-    used = [int(m.group(1)) for p in glob.glob(f"{stem}.*{ext}") if (m := re.search(r"\.(\d+)" + re.escape(ext) + "$", p))]
-    return f"{stem}.{max(used, default=-1) + 1}{ext}"
+def _next_free_numbered(path: str) -> str:
+    used = numbered_files(path)
+    return numbered_file(path, max(used, default=-1) + 1)
 
 
 @gin.configurable
@@ -89,10 +47,9 @@ def save_weights(model, weight_path=gin.REQUIRED, add_index=False, add_global_st
                  ignore_frozen_parameters=False, should_save_to_gcp=False, save_params=None):
     path = expand(weight_path, "save_weights.weight_path")
     if add_global_step:
-        stem, ext = os.path.splitext(path)
-        path = f"{stem}.{model.global_step}{ext}"
+        path = numbered_file(path, model.global_step)
     elif add_index:
-        path = _next_free_index(path)
+        path = _next_free_numbered(path)
     state = model.torch_model.state_dict()
     if save_params is not None:
         regex = re.compile(model.to_regex(save_params))
@@ -109,11 +66,10 @@ def save_weights(model, weight_path=gin.REQUIRED, add_index=False, add_global_st
 
 
 def _latest_numbered(path: str) -> str:
-    stem, ext = os.path.splitext(path)
-    found = [(int(m.group(1)), p) for p in glob.glob(f"{stem}.*{ext}") if (m := re.search(r"\.(\d+)" + re.escape(ext) + "$", p))]
+    found = numbered_files(path)
     if not found:
-        raise FileNotFoundError(f"No numbered checkpoint {stem}.<N>{ext} found.")
-    return max(found)[1]
+        raise FileNotFoundError(f"No numbered checkpoint {numbered_file(path, '<N>')} found.")
+    return found[max(found)]
 
 
 def _module_of(key: str) -> str:

@@ -13,7 +13,9 @@ import gin
 import numpy as np
 import torch
 
-from colm.checkpoints.experts_file import read_experts_file
+from colm.formats.experts_file import read_experts_file
+from colm.formats.layout import EXPERTS_FILE, dataset_file_name
+from colm.models.architecture import ENCODER, T5, token_side
 from colm.moma.moe import Router
 from colm.utils.atomic import atomic_path
 from colm.utils.paths import expand
@@ -38,7 +40,7 @@ class AnalysisProcessor:
     def path_for(self, dataset_name, suffix):
         directory = expand(self.save_dir, f"{type(self).__name__}.save_dir")
         os.makedirs(directory, exist_ok=True)
-        return os.path.join(directory, dataset_name.replace("/", "_") + suffix)
+        return os.path.join(directory, dataset_file_name(dataset_name, suffix))
 
 
 @gin.configurable
@@ -89,11 +91,6 @@ def _routing_entries(global_hidden_dict, kind="routing_weights"):
             if isinstance(key, tuple) and key[0] == kind and len(key) == 3}
 
 
-def encoder_side(module_name):
-    """Modules whose tokens are encoder tokens: encoder linears and cross-attention k/v."""
-    return module_name.startswith("encoder") or module_name.endswith(("EncDecAttention.k", "EncDecAttention.v"))
-
-
 def generated_token_mask(output_ids, steps, eos_id):
     """(B, steps) True for each generation step up to and including the one that produced eos."""
     produced = output_ids[:, 1 : steps + 1]
@@ -101,10 +98,11 @@ def generated_token_mask(output_ids, steps, eos_id):
     return (is_eos.cumsum(dim=1) - is_eos.long()) == 0
 
 
-def routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, kind="routing_weights"):
+def routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, kind="routing_weights", architecture=T5):
     """{module: (tokens, N) router outputs of the tokens that count}: real encoder tokens; decoder tokens of
     the predicted choice (rank classification) or of the generated text; one row per example for
-    sentence-level routing. kind: "routing_weights" (probabilities) or Router.SCORES_KIND (scores)."""
+    sentence-level routing. kind: "routing_weights" (probabilities) or Router.SCORES_KIND (scores). Which tokens a
+    module runs on: colm.models.architecture.token_side."""
     encoder_weights = next((v for k, v in global_hidden_dict.items() if isinstance(k, tuple) and k[0] == "mask"), None)
     out = {}
     for module, (key, values) in _routing_entries(global_hidden_dict, kind).items():
@@ -112,7 +110,7 @@ def routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, kind
             out[module] = values
             continue
         rows = values.shape[0]
-        if encoder_side(module):
+        if token_side(module, architecture) == ENCODER:
             mask = encoder_weights > 0
             mask = mask.repeat_interleave(rows // mask.shape[0], dim=0)[:, -values.shape[1]:]
             out[module] = values[mask]
@@ -129,14 +127,14 @@ def routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, kind
     return out
 
 
-def routed_token_probs(batch, outputs, global_hidden_dict, pad_id, eos_id):
+def routed_token_probs(batch, outputs, global_hidden_dict, pad_id, eos_id, architecture=T5):
     """{module: (tokens, N) routing probabilities of the tokens that count} (see routed_token_values)."""
-    return routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, "routing_weights")
+    return routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, "routing_weights", architecture)
 
 
-def routed_token_scores(batch, outputs, global_hidden_dict, pad_id, eos_id):
+def routed_token_scores(batch, outputs, global_hidden_dict, pad_id, eos_id, architecture=T5):
     """{module: (tokens, N) pre-softmax router scores of the same tokens} (routers that expose them)."""
-    return routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, Router.SCORES_KIND)
+    return routed_token_values(batch, outputs, global_hidden_dict, pad_id, eos_id, Router.SCORES_KIND, architecture)
 
 
 class _ModuleRouting:
@@ -243,14 +241,14 @@ def resolve_expert_names(expert_names, n_experts, default_file=None):
     return [str(n) for n in names] if names is not None else [str(i) for i in range(n_experts)]
 
 
-def task_by_expert(per_dataset, side):
+def task_by_expert(per_dataset, side, architecture=T5):
     """(datasets, matrix (datasets x N)): each dataset's routing mass per expert, averaged over the modules of
-    one side ("encoder": encoder_side modules, "decoder": the others); datasets without such modules are left
-    out. per_dataset: {dataset: {module: {"mean_probs": ...}}}."""
+    one side ("encoder" or "decoder": the tokens they run on, colm.models.architecture.token_side); datasets
+    without such modules are left out. per_dataset: {dataset: {module: {"mean_probs": ...}}}."""
     rows, names = [], []
     for dataset, modules in per_dataset.items():
         picked = [np.asarray(s["mean_probs"], dtype=np.float64) for m, s in modules.items()
-                  if encoder_side(m) == (side == "encoder") and s["tokens"] > 0]
+                  if token_side(m, architecture) == side and s["tokens"] > 0]
         if picked:
             rows.append(np.mean(picked, axis=0))
             names.append(dataset)
@@ -310,14 +308,14 @@ class RoutingDistribution(AnalysisProcessor):
         self.results = {}
 
     def batch_process(self, batch, outputs, global_hidden_dict, model):
-        probs = routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id)
-        scores = routed_token_scores(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id)
+        probs = routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id, model.architecture)
+        scores = routed_token_scores(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id, model.architecture)
         for module, p in probs.items():
             self.modules.setdefault(module, _ModuleRouting()).add(p, scores.get(module))
 
     def names_for(self, n_experts):
         directory = expand(self.save_dir, "RoutingDistribution.save_dir")
-        default = os.path.join(os.path.dirname(os.path.abspath(directory)), "experts.json")
+        default = os.path.join(os.path.dirname(os.path.abspath(directory)), EXPERTS_FILE)
         return resolve_expert_names(self.expert_names, n_experts, default)
 
     def dataset_process(self, dataset_name):
@@ -374,7 +372,8 @@ class EntropyDistribution(AnalysisProcessor):
         self.entropies = {}
 
     def batch_process(self, batch, outputs, global_hidden_dict, model):
-        for module, probs in routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id).items():
+        routed = routed_token_probs(batch, outputs, global_hidden_dict, model.pad_id, model.eos_id, model.architecture)
+        for module, probs in routed.items():
             p = probs.float().clamp_min(1e-12)
             self.entropies.setdefault(module, []).append((-(p * p.log2()).sum(dim=-1)).cpu())
 

@@ -23,12 +23,12 @@ import gin
 import torch
 from safetensors.torch import save_file
 
+from colm.formats.layout import HIDDENS_EXTENSION
+from colm.models.architecture import ENCODER, a1_router_input, token_side
 from colm.moma.moe import expert_count
-from colm.procedures.analysis import AnalysisProcessor, encoder_side, generated_token_mask
+from colm.procedures.analysis import AnalysisProcessor, generated_token_mask
 from colm.utils.atomic import atomic_path
-
-FINAL_LAYER_NORM = "encoder_final_ln"  # module-name shortcut of the A1 decoder router's input
-HIDDENS_EXTENSION = ".safetensors"
+from colm.utils.coerce import as_bool
 
 
 def decoder_token_weights(output_ids, eos_id, last_step_only=False):
@@ -73,7 +73,7 @@ class SaveAveragedHiddens(AnalysisProcessor):
                  decoder_last_step_only=False):
         super().__init__(save_dir)
         self.modules = list(modules) if isinstance(modules, (list, tuple)) else [modules]
-        self.decoder_last_step_only = decoder_last_step_only in (True, "True")
+        self.decoder_last_step_only = as_bool(decoder_last_step_only, "SaveAveragedHiddens.decoder_last_step_only")
         self.sums, self.num_examples = {}, 0
 
     def batch_process(self, batch, outputs, global_hidden_dict, model):
@@ -95,7 +95,7 @@ class SaveAveragedHiddens(AnalysisProcessor):
         decoder_weights = decoder_token_weights(output_ids, model.eos_id, self.decoder_last_step_only)
 
         def add(name, hidden):
-            weights = encoder_weights if encoder_side(name) else decoder_weights
+            weights = encoder_weights if token_side(name, model.architecture) == ENCODER else decoder_weights
             try:
                 per_example = pooled(hidden, weights)
             except RuntimeError as error:
@@ -109,7 +109,7 @@ class SaveAveragedHiddens(AnalysisProcessor):
             lambda m, args, kwargs, name=name: add(name, args[0] if args else kwargs["input"]), with_kwargs=True)
             for name, module in watched.items()]
         handles += [module.register_forward_hook(lambda m, args, out, name=name: add(name, out))
-                    for name, module in model.match_modules(FINAL_LAYER_NORM).items()]
+                    for name, module in model.match_modules(f'"{a1_router_input(model.architecture)}"').items()]
         # The replay overwrites the shared dict; later analysis processors must still see the evaluated batch.
         saved = dict(global_hidden_dict)
         try:

@@ -30,13 +30,12 @@ import shutil
 import gin
 import torch
 
-from colm.checkpoints import keys as K
-from colm.checkpoints.experts_file import EXPERTS_FILE
-from colm.checkpoints.manipulations import checkpoint_file
 from colm.datasets.dataset import InterfaceInfo
+from colm.formats import keys as K
+from colm.formats.checkpoint_io import read_checkpoint, write_checkpoint
+from colm.formats.layout import EXPERTS_FILE, checkpoint_file
+from colm.models.architecture import ENCODER, T5, token_side
 from colm.moma.moe import Router
-from colm.moma.weights import read_checkpoint, write_checkpoint
-from colm.procedures.analysis import encoder_side
 from colm.procedures.procedure import Procedure
 from colm.utils.atomic import atomic_path
 
@@ -48,14 +47,15 @@ def input_mean_key(module: str, router_addon_name: str = K.ROUTER_ADDON) -> str:
     return f"{module}._addons.{router_addon_name}.{Router.INPUT_MEAN}"
 
 
-def _token_weights(module, hidden, encoder_weights, decoder_weights):
+def _token_weights(module, hidden, encoder_weights, decoder_weights, architecture=T5):
     """(rows, tokens) weights of the hidden's tokens that count, or (rows,) ones for sentence-level input."""
     if hidden.dim() == 2:
         return torch.ones(hidden.shape[0], dtype=torch.float64)
-    weights = encoder_weights if encoder_side(module) else decoder_weights
+    side = token_side(module, architecture)
+    weights = encoder_weights if side == ENCODER else decoder_weights
     if hidden.shape[:2] != weights.shape:
         raise RuntimeError(f"router input of {module} has shape {tuple(hidden.shape)}, which does not match the "
-                           f"{'encoder' if encoder_side(module) else 'decoder'} tokens {tuple(weights.shape)}.")
+                           f"{side} tokens {tuple(weights.shape)}.")
     return weights
 
 
@@ -67,8 +67,8 @@ def measure_router_input_means(model, datasets, num_examples=50, seed=42, router
     """
     routers = model.addons.get(router_addon_name, {})
     if not routers:
-        raise ValueError(f"The model has no '{router_addon_name}' addons: calibration needs the MoE model (make_moe "
-                         "in Model.init_moma_calls, as eval.gin sets it).")
+        raise ValueError(f"The model has no '{router_addon_name}' addons: calibration needs the MoE model (an arch gin "
+                         "such as colm/models/<model_type>/moe_lora_rank16_a2.gin builds it).")
     if int(num_examples) < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}.")
     if not datasets:
@@ -99,7 +99,7 @@ def measure_router_input_means(model, datasets, num_examples=50, seed=42, router
                         raise RuntimeError(f"The router of {module} saw no input ({router.read_key} is not in the "
                                            "model's shared dict after a forward pass).")
                     hidden = hidden.detach().double().cpu()
-                    weights = _token_weights(module, hidden, encoder_weights, decoder_weights)
+                    weights = _token_weights(module, hidden, encoder_weights, decoder_weights, model.architecture)
                     total = (hidden * weights.unsqueeze(-1)).reshape(-1, hidden.shape[-1]).sum(dim=0)
                     sums[module] = sums.get(module, 0) + total
                     counts[module] = counts.get(module, 0) + float(weights.sum())

@@ -7,6 +7,7 @@ import statistics
 
 import gin
 
+from colm.formats.layout import RESULTS_FILE, RESULTS_IN_TRAINING_FILE
 from colm.utils.paths import expand
 
 
@@ -17,9 +18,9 @@ def save_results(results, save_dir=gin.REQUIRED, step=None, overwrite=False, lab
     save_dir = expand(save_dir, "save_results.save_dir")
     os.makedirs(save_dir, exist_ok=True)
     if step is None:
-        path, header = os.path.join(save_dir, "results.txt"), f"{label or 'Final results'}:"
+        path, header = os.path.join(save_dir, RESULTS_FILE), f"{label or 'Final results'}:"
     else:
-        path, header = os.path.join(save_dir, "results_in_training.txt"), f"Training step: {step}"
+        path, header = os.path.join(save_dir, RESULTS_IN_TRAINING_FILE), f"Training step: {step}"
     with open(path, "w" if overwrite else "a") as f:
         f.write(f"{header}\n{results!r}\n\n")
     return path

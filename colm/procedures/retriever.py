@@ -3,8 +3,8 @@
 make_expert_library=True: for every expert TRAIN dataset (`D/<scope>/TRAIN`) it embeds up to
 `dataset_length` examples (a seeded random subset when there are more) with the sentence embedder, as
 "Answer Choices: <choices>, Instance: <input>" when include_answer_choices (else the bare input), and
-writes the (n, 384) float32 matrix to the file that `retrieval_library_file` names, in
-expert_library_dir. `make_checkpoint_for_retrieval` then packs these files into router vectors.
+writes the (n, 384) float32 matrix to the file that `retrieval_library_name` names (colm/formats/layout.py),
+in expert_library_dir. `make_checkpoint_for_retrieval` then packs these files into router vectors.
 
 make_expert_library=False: a diagnostic (step 4). It loads every library file of expert_library_dir,
 sends each example of each dataset to the library holding its nearest embedding, and prints the
@@ -18,15 +18,14 @@ import gin
 import numpy as np
 import torch
 
-from colm.checkpoints.manipulations import retrieval_library_file
+from colm.formats.layout import RETRIEVAL_LIBRARY_GLOB, retrieval_library_dataset, retrieval_library_name
 from colm.moma.embedder import DEFAULT_MODEL, embed_texts
-from colm.moma.feature_extractor import example_text, parse_bool
+from colm.moma.feature_extractor import example_text
 from colm.procedures.procedure import Procedure
 from colm.utils.atomic import atomic_path
+from colm.utils.coerce import as_bool
 from colm.utils.paths import expand
 from colm.utils.progress import progress
-
-LIBRARY_SUFFIX = "_embeddings.npy"
 
 
 def library_indices(size: int, dataset_length: int, seed: int) -> list:
@@ -56,8 +55,8 @@ class Retriever(Procedure):
         if not isinstance(dataset_length, int) or isinstance(dataset_length, bool) or dataset_length < 1:
             raise ValueError(f"Retriever.dataset_length must be a positive integer, got {dataset_length!r}.")
         self.datasets = [datasets] if isinstance(datasets, str) else list(datasets)
-        self.include_answer_choices = parse_bool(include_answer_choices, "Retriever.include_answer_choices")
-        self.make_expert_library = parse_bool(make_expert_library, "Retriever.make_expert_library")
+        self.include_answer_choices = as_bool(include_answer_choices, "Retriever.include_answer_choices")
+        self.make_expert_library = as_bool(make_expert_library, "Retriever.make_expert_library")
         self.expert_library_dir = expand(expert_library_dir, "Retriever.expert_library_dir")
         self.dataset_length = dataset_length
         self.model_name = model_name
@@ -75,9 +74,7 @@ class Retriever(Procedure):
         return f"Retriever {mode} {self.expert_library_dir} for {len(self.datasets)} dataset(s)"
 
     def library_file(self, scope: str) -> str:
-        # Only the file name comes from retrieval_library_file (the one place that spells it); the folder is ours.
-        name = os.path.basename(retrieval_library_file(".", scope, self.dataset_length))
-        return os.path.join(self.expert_library_dir, name)
+        return os.path.join(self.expert_library_dir, retrieval_library_name(scope, self.dataset_length))
 
     def texts_of(self, dataset) -> list:
         texts = []
@@ -106,13 +103,13 @@ class Retriever(Procedure):
         return written
 
     def diagnose(self) -> dict:
-        files = sorted(glob.glob(os.path.join(self.expert_library_dir, f"*_TRAIN_K*{LIBRARY_SUFFIX}")))
+        files = sorted(glob.glob(os.path.join(glob.escape(self.expert_library_dir), RETRIEVAL_LIBRARY_GLOB)))
         if not files:
             raise FileNotFoundError(
-                f"Retriever: no library files (*_TRAIN_K*{LIBRARY_SUFFIX}) in {self.expert_library_dir}; make them "
+                f"Retriever: no library files ({RETRIEVAL_LIBRARY_GLOB}) in {self.expert_library_dir}; make them "
                 "first with Retriever.make_expert_library=True (retriever.sh -make_expert_library True)."
             )
-        names = [os.path.basename(f).rsplit("_K", 1)[0] for f in files]
+        names = [retrieval_library_dataset(f) for f in files]
         matrices = [torch.from_numpy(np.load(f, allow_pickle=False)).float() for f in files]
         library = torch.cat(matrices)
         owner = torch.cat([torch.full((len(m),), i) for i, m in enumerate(matrices)])

@@ -25,22 +25,25 @@ Per module (linear layer with a router) it reports:
   `common_score_fraction_per_task` uses each task's tokens alone.
 
 Modules are grouped as encoder self-attn, encoder FFN, decoder self-attn, cross-attn q/o, cross-attn k/v,
-decoder FFN (others: "other"). Outputs (`write_diagnosis`): `routing_diagnosis.json` (everything above),
-`routing_diagnosis.md` (per group: own-expert mass, collapsed modules, common-score fraction, gate cosine;
-per task: own-expert mass by side), `task_by_expert_encoder.png` and `task_by_expert_decoder.png`.
+decoder FFN (others: "other"; colm.models.architecture.module_group). Outputs (`write_diagnosis`):
+`routing_diagnosis.json` (everything above), `routing_diagnosis.md` (per group: own-expert mass, collapsed
+modules, common-score fraction, gate cosine; per task: own-expert mass by side), `task_by_expert_encoder.png` and
+`task_by_expert_decoder.png`.
 """
 
 import glob
 import json
 import os
-import re
 from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
 
-from colm.checkpoints import keys as K
-from colm.checkpoints.experts_file import read_experts_file
+from colm.formats import keys as K
+from colm.formats.checkpoint_io import read_checkpoint
+from colm.formats.experts_file import read_experts_file
+from colm.formats.layout import BEST_CHECKPOINT, EXPERTS_FILE
+from colm.models.architecture import module_group, module_groups
 from colm.procedures.analysis import (
     ROUTING_FORMAT,
     SIDE_TITLES,
@@ -52,28 +55,13 @@ from colm.utils.atomic import atomic_path
 
 COLLAPSE_THRESHOLD = 0.8
 MAX_MATRIX_EXPERTS = 32  # gate-cosine matrices are written in full up to this many experts
-GROUPS = OrderedDict([
-    ("encoder self-attn", re.compile(r"encoder\..*\.SelfAttention\.(q|k|v|o)")),
-    ("encoder FFN", re.compile(r"encoder\..*\.DenseReluDense\.\w+")),
-    ("decoder self-attn", re.compile(r"decoder\..*\.SelfAttention\.(q|k|v|o)")),
-    ("cross-attn q/o", re.compile(r"decoder\..*\.EncDecAttention\.(q|o)")),
-    ("cross-attn k/v", re.compile(r"decoder\..*\.EncDecAttention\.(k|v)")),
-    ("decoder FFN", re.compile(r"decoder\..*\.DenseReluDense\.\w+")),
-])
 OUTPUT_FILES = {"json": "routing_diagnosis.json", "markdown": "routing_diagnosis.md",
                 "encoder": "task_by_expert_encoder.png", "decoder": "task_by_expert_decoder.png"}
 
 
-def module_group(module: str) -> str:
-    for group, pattern in GROUPS.items():
-        if pattern.fullmatch(module):
-            return group
-    return "other"
-
-
 def dataset_stem(dataset: str) -> str:
     """The scope stem of an evaluated dataset: D/TOYREVERSE/EVAL -> TOYREVERSE, D/FLANV2BOOLQ/ZS/EVAL ->
-    FLANV2BOOLQ/ZS (the form of expert_order scopes)."""
+    FLANV2BOOLQ/ZS (the form of colm.datasets.settings scopes)."""
     parts = dataset.split("/")
     if parts and parts[0] == "D":
         parts = parts[1:]
@@ -102,7 +90,7 @@ def load_routing_dir(directory: str) -> "OrderedDict":
 
 def expert_entries(n_experts, experts_file=None, names=None):
     """[{"index", "name", "scope"}] for N experts: from an experts.json, else from names (scopes as
-    expert_order.get_setting gives them, None where it cannot), else "0".."N-1" without scopes."""
+    colm.datasets.settings.get_setting gives them, None where it cannot), else "0".."N-1" without scopes."""
     if experts_file:
         entries = read_experts_file(experts_file)
         if len(entries) != n_experts:
@@ -110,7 +98,7 @@ def expert_entries(n_experts, experts_file=None, names=None):
                              "it belongs to another checkpoint.")
         return entries
     if names is not None and len(names) == n_experts and names != [str(i) for i in range(n_experts)]:
-        from colm.checkpoints.expert_order import get_setting
+        from colm.datasets.settings import get_setting
 
         try:
             scopes = list(get_setting(list(names), check_scopes=False).values())
@@ -266,7 +254,7 @@ def diagnose(routing, experts=None, own=None, gates=None, collapse_threshold=COL
         per_module[module] = entry
 
     groups = OrderedDict()
-    for group in list(GROUPS) + ["other"]:
+    for group in module_groups() + ["other"]:
         members = [m for m, e in per_module.items() if e["group"] == group]
         if not members:
             continue
@@ -370,14 +358,12 @@ def run_routing_diagnosis(routing_dir, checkpoint=None, experts_file=None, own_e
     """Reads `routing_dir` (and the checkpoint / experts file; by default `<routing_dir>/../best.pt` and
     `<routing_dir>/../experts.json` when they exist; checkpoint=False skips the gate similarity), diagnoses,
     writes to out_dir (default `<routing_dir>/diagnosis`). own_expert: {dataset: expert name or index}."""
-    from colm.moma.weights import read_checkpoint
-
     routing = load_routing_dir(routing_dir)
     parent = os.path.dirname(os.path.abspath(routing_dir))
-    if experts_file is None and os.path.isfile(os.path.join(parent, "experts.json")):
-        experts_file = os.path.join(parent, "experts.json")
-    if checkpoint is None and os.path.isfile(os.path.join(parent, "best.pt")):
-        checkpoint = os.path.join(parent, "best.pt")
+    if experts_file is None and os.path.isfile(os.path.join(parent, EXPERTS_FILE)):
+        experts_file = os.path.join(parent, EXPERTS_FILE)
+    if checkpoint is None and os.path.isfile(os.path.join(parent, BEST_CHECKPOINT)):
+        checkpoint = os.path.join(parent, BEST_CHECKPOINT)
     first = next(iter(routing.values()))
     n_experts = len(next(iter(first["modules"].values()))["mean_probs"])
     experts = expert_entries(n_experts, experts_file, first["experts"])

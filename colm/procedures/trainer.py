@@ -21,10 +21,12 @@ import os
 import gin
 import torch
 
+from colm.formats.layout import BEST_CHECKPOINT
 from colm.procedures import resume
 from colm.procedures.optim import get_optimizer, get_scheduler
 from colm.procedures.procedure import Procedure
 from colm.utils import run_dir
+from colm.utils.coerce import as_bool
 from colm.utils.logging import log_metrics
 from colm.utils.paths import expand
 from colm.utils.progress import progress
@@ -63,8 +65,7 @@ class Trainer(Procedure):
             _check_number(f"{name}/Trainer.{param}", value, minimum, integer=True, allow_none=allow_none)
         _check_number(f"{name}/Trainer.gradient_clipping", gradient_clipping, 0, allow_none=True)
         _check_number(f"{name}/Trainer.divergence_factor", divergence_factor, 1, allow_none=True)
-        if overwrite not in (True, False):
-            raise TypeError(f"{name}/Trainer.overwrite must be True or False, got {overwrite!r}.")
+        overwrite = as_bool(overwrite, f"{name}/Trainer.overwrite")
         self.model = model
         self.datasets = [datasets] if isinstance(datasets, str) else list(datasets)
         self.batcher = batcher
@@ -136,7 +137,7 @@ class Trainer(Procedure):
         elif os.path.exists(resume_file):
             self.resume_from = resume_file
             print(f"[colm] {self.name}: resuming from {resume_file} (an unfinished run of this experiment).")
-        elif os.path.exists(os.path.join(directory, "best.pt")):
+        elif os.path.exists(os.path.join(directory, BEST_CHECKPOINT)):
             print(f"[colm] {self.name}: {directory} holds a best.pt from an unfinished run that saved no resume "
                   "checkpoint; training starts from step 0 and will replace it.")
         run_dir.write_status(directory, status=run_dir.RUNNING, step=self.state["step"], num_steps=self.num_steps)

@@ -40,26 +40,31 @@ require_flags() {
   done
 }
 
-# The model type: -model_type, else $MODEL_TYPE, else t5xl. Selects colm/models/<model_type>/.
+# The model gins (colm/models/model_gins.py is the one place that maps the flags to files). Called as
+# `x="$(model_gin_dir)"`, an error ends the launcher (set -e) after the reason is printed.
+# model_gin_dir: colm/models/<model_type>, the model type being -model_type, else $MODEL_TYPE, else t5xl.
+# arch_gin ARCH [ALLOWED ...]: the model gin of -arch ARCH (A2, A1, single), ALLOWED narrowing the choice.
 model_gin_dir() {
-  local dir="colm/models/${model_type:-${MODEL_TYPE:-t5xl}}"
-  if [ ! -d "$dir" ]; then
-    echo "$(basename "$0"): no model type '${model_type:-${MODEL_TYPE:-t5xl}}' (no folder $dir); use t5xl or tiny." >&2
+  _model_gins
+}
+arch_gin() {
+  _model_gins "$@"
+}
+_model_gins() {
+  local out status=0
+  out="$("$PYTHON_EXEC" -m colm.models.model_gins "${model_type:-${MODEL_TYPE:-t5xl}}" "$@" 2>&1)" || status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "$(basename "$0"): $out" >&2
     exit 2
   fi
-  echo "$dir"
+  echo "$out"
 }
 
-# Every dataset registry there is (objects are built only when a scope is named, so this costs little).
-# The user's own registries come through -extra_gin_files (load_extra_gin_files below).
+# Every dataset registry there is, one per family for the model type (the rule is colm/datasets/families.py);
+# objects are built only when a scope is named, so this costs little. The user's own registries come through
+# -extra_gin_files (load_extra_gin_files below).
 dataset_registries() {
-  local mt="${model_type:-${MODEL_TYPE:-t5xl}}"
-  for name in p3 flanv2 bigbench; do
-    if [ -f "colm/datasets/${name}_${mt}.gin" ]; then echo "colm/datasets/${name}_${mt}.gin"
-    elif [ -f "colm/datasets/${name}_t5xl.gin" ]; then echo "colm/datasets/${name}_t5xl.gin"
-    elif [ -f "colm/datasets/${name}.gin" ]; then echo "colm/datasets/${name}.gin"; fi
-  done
-  echo "colm/datasets/toy.gin"
+  "$PYTHON_EXEC" -m colm.datasets.families "${model_type:-${MODEL_TYPE:-t5xl}}"
 }
 
 # -extra_gin_files "a.gin b.gin" (every launcher): the user's own gin files, e.g. the `D/<SCOPE>/TRAIN|EVAL`

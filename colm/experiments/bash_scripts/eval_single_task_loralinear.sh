@@ -10,5 +10,4 @@ model_dir="$(model_gin_dir)"
 load_extra_gin_files
 EXP_NAME="$exp_name" run_colm \
   --gin_files $(dataset_registries) "$model_dir/t5.gin" colm/models/moe_lora_rank16.gin colm/experiments/eval.gin "${extra_gin[@]}" \
-  --gin_bindings "M/MODEL/Model.init_moma_calls=[@M/MODEL/modify_with_lora, @M/MODEL/load_weights]" \
-    "P/EVALUATE/Evaluator.datasets=\"D/$dataset/EVAL\"" "$extra_bindings"
+  --gin_bindings "P/EVALUATE/Evaluator.datasets=\"D/$dataset/EVAL\"" "$extra_bindings"

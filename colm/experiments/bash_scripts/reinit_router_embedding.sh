@@ -13,12 +13,8 @@ extra_bindings="" extra_gin_files="" score_type="" scaling_scores="" elementwise
 parse_flags "exp_name dataset arch component compute_hiddens hiddens_suffix model_type extra_bindings extra_gin_files score_type scaling_scores elementwise_affine max_examples" "$@"
 require_flags exp_name dataset
 model_dir="$(model_gin_dir)"
+arch_file="$(arch_gin "$arch" A2 A1)"  # the averages become A2's or A1's router vectors
 load_extra_gin_files
-case "$arch" in
-  A2) arch_gin="$model_dir/moe_lora_rank16_a2.gin" ;;
-  A1) arch_gin="$model_dir/moe_lora_rank16_a1.gin" ;;
-  *) echo "$(basename "$0"): -arch must be A2 or A1, got '$arch'." >&2; exit 2 ;;
-esac
 case "$compute_hiddens" in
   True|False) ;;
   *) echo "$(basename "$0"): -compute_hiddens must be True or False, got '$compute_hiddens'." >&2; exit 2 ;;
@@ -41,7 +37,7 @@ if [ "$compute_hiddens" = True ]; then
   # so that the Evaluator runs the split (its score lands in $save_dir/results.txt, not the expert's).
   # No top-k: the expert is applied alone, at routing weight 1.
   EXP_NAME="$exp_name" run_colm \
-    --gin_files $registries "$model_dir/t5.gin" "$arch_gin" colm/experiments/eval.gin "${extra_gin[@]}" \
+    --gin_files $registries "$model_dir/t5.gin" "$arch_file" colm/experiments/eval.gin "${extra_gin[@]}" \
     --gin_bindings "P/EVALUATE/Evaluator.datasets=\"$scope\"" "$scope/InterfaceInfo.interface=\"gen\"" \
       "$scope/$dataset_class.metrics=[\"exact_match\"]" "$scope/$dataset_class.max_examples_per_dataset=$max_examples" \
       'P/EVALUATE/Evaluator.analysis_processors=[@SaveAveragedHiddens()]' "SaveAveragedHiddens.save_dir=\"$save_dir\"" \

@@ -12,7 +12,7 @@
 # -dataset_setting: P3, Flanv2, Niv2, Add1, All, Full, Toy, or a gin list of expert names
 # ('["ToyContainsa", "ToySort"]', which then needs -exp_name and -old_exp_name); names of your own are
 # "Name:SCOPE" or "Name" (scope = the name upper-cased without separators), with the gin file of their
-# D/<SCOPE>/TRAIN|EVAL scopes in -extra_gin_files (colm/checkpoints/expert_order.py). Default names:
+# D/<SCOPE>/TRAIN|EVAL scopes in -extra_gin_files (colm/datasets/settings.py). Default names:
 # old_exp_name <Setting>Complete<arch>_<model_type>_lora_concatenated, exp_name
 # <Setting>Complete[ans]retrieval_<model_type>_lora_concatenated. -library_dir: the libraries' folder under exp_out/
 # (default elm_<dataset_length>_[ans_]minlm). -extra_bindings go to the program the mode runs.
@@ -31,10 +31,7 @@ if [ "$make_expert_library" = True ] && [ "$create_checkpoint" = True ]; then
   echo "$(basename "$0"): -make_expert_library and -create_checkpoint are separate steps; run one at a time." >&2
   exit 2
 fi
-case "$arch" in
-  A1|A2) ;;
-  *) echo "$(basename "$0"): -arch must be A2 or A1, got '$arch'." >&2; exit 2 ;;
-esac
+arch_gin "$arch" A2 A1 >/dev/null  # -arch only names the default -old_exp_name
 if ! [[ "$dataset_length" =~ ^[1-9][0-9]*$ ]]; then
   echo "$(basename "$0"): -dataset_length must be a positive integer, got '$dataset_length'." >&2
   exit 2
@@ -71,9 +68,8 @@ elif [ "$create_checkpoint" = True ]; then
     "make_checkpoint_for_retrieval.dataset_length=$dataset_length" \
     "make_checkpoint_for_retrieval.dataset_dict_str=$setting" "$extra_bindings"
 else
-  # eval.gin first: the retriever model file replaces its init_moma_calls.
   EXP_NAME="$exp_name" run_colm \
-    --gin_files $(dataset_registries) "$model_dir/t5.gin" colm/experiments/eval.gin "$model_dir/moe_lora_retriever.gin" "${extra_gin[@]}" \
+    --gin_files $(dataset_registries) "$model_dir/t5.gin" "$model_dir/moe_lora_retriever.gin" colm/experiments/eval.gin "${extra_gin[@]}" \
     --gin_bindings 'P/EVALUATE/Evaluator.datasets=@P/EVALUATE/setting_scopes()' \
       "P/EVALUATE/setting_scopes.setting=$setting" \
       "M/MODEL/FeatureExtractor.include_answer_choices=$include_answer_choices" \

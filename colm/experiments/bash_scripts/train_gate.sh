@@ -22,6 +22,5 @@ EXP_NAME="$exp_name" run_colm \
     'M/MODEL/FFNExperts.learn_input_gate="only_sigmoid"' 'main.procedure_exec_order=["P/TRAIN"]' \
     'P/EVALUATE/Evaluator.better_model_moma_calls=[]' \
     'P/TRAIN/Trainer.finish_moma_calls=[@MOMA/DONE/save_weights, @MOMA/BEST/save_weights]' \
-    'M/MODEL/Model.init_moma_calls=[@M/MODEL/ENCODER/watch_hiddens, @M/MODEL/DECODER/watch_hiddens, @M/MODEL/ENCODER/make_moe, @M/MODEL/DECODER/make_moe, @M/MODEL/load_weights]' \
-    "M/MODEL/load_weights.weight_path=\"exp_out/$old_exp_name/best.pt\"" \
+    'M/MODEL/moma_calls.experts=[@M/MODEL/load_weights]' "M/MODEL/load_weights.weight_path=\"exp_out/$old_exp_name/best.pt\"" \
     "${router[@]}" "$extra_bindings"

@@ -2,7 +2,7 @@
 # Multitask baseline: one LoRA on the union of a setting's datasets (temperature sampling over datasets).
 #   bash colm/experiments/bash_scripts/train_multitask.sh -exp_name P3_multitask_t5xl_lora -dataset_setting P3
 # -dataset_setting: a setting name, or a gin list of expert names ('["MyEcho", "MySentiment:REVIEWS"]': see
-# colm/checkpoints/expert_order.py; scopes of your own come with -extra_gin_files "my_tasks.gin").
+# colm/datasets/settings.py; scopes of your own come with -extra_gin_files "my_tasks.gin").
 # Then, as for any LoRA expert: put_index_to_lora and eval_multitask.sh with sentence-level routing.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

@@ -9,14 +9,13 @@ find each evaluated dataset's own expert (by scope).
 import json
 import os
 
+from colm.formats.layout import EXPERTS_FILE
 from colm.utils.atomic import atomic_path
-
-EXPERTS_FILE = "experts.json"
 
 
 def write_experts_file(directory: str, setting) -> str:
     """Writes `<directory>/experts.json` from an ordered {expert name: dataset scope stem}
-    (expert_order.get_setting); returns its path."""
+    (a setting); returns its path."""
     path = os.path.join(directory, EXPERTS_FILE)
     entries = [{"index": i, "name": name, "scope": scope} for i, (name, scope) in enumerate(setting.items())]
     with atomic_path(path) as tmp:

@@ -1,6 +1,6 @@
 """Dataset statistics per gin scope: size, token lengths, truncation at max_length, answer choices.
 
-    parse_config(registries + [model gin], bindings)
+    parse_config(registry_files() + [model gin], bindings)   # registry_files: colm.datasets.families
     rows = collect(select_scopes(["D/P3*/EVAL"]), load_tokenizer("byt5"))
     print(format_table(rows)); write_outputs(rows, "exp_out/dataset_info", "p3_eval")
 
@@ -20,23 +20,12 @@ from tqdm.auto import tqdm
 
 from colm import registry
 from colm.datasets.dataset import special_ids
+from colm.datasets.families import REPO_ROOT
 from colm.utils.atomic import atomic_path
 from colm.utils.progress import interactive
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The dataset registries, in the order the launchers pass them; missing ones are skipped.
-REGISTRIES = (
-    "colm/datasets/p3_t5xl.gin",
-    "colm/datasets/flanv2_t5xl.gin",
-    "colm/datasets/bigbench.gin",
-    "colm/datasets/toy.gin",
-)
 DEFAULT_OUT_DIR = "exp_out/dataset_info"
 _CHUNK = 256  # examples tokenized per tokenizer call
-
-
-def default_registries() -> list:
-    return [path for path in REGISTRIES if os.path.isfile(os.path.join(REPO_ROOT, path))]
 
 
 def parse_config(gin_files, bindings=()) -> None:

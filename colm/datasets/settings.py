@@ -1,14 +1,21 @@
-"""The expert settings: which experts, in which order (spec 6.7). One module that everything imports.
+"""Which dataset scopes, in which order: the expert settings and the evaluation suites (spec 6.7).
 
-An expert's index in a concatenated checkpoint is its position in the setting, so these lists must keep
-the original order for the released checkpoints (166 experts, the "Full"/FLAN setting) to route unchanged.
-Each expert name maps to the dataset scope stem that launchers take as `-dataset` (`D/<scope>/TRAIN`).
+Settings. An expert's index in a concatenated checkpoint is its position in its setting, so the paper's lists
+below keep the original order for the released checkpoints (166 experts, the "Full"/FLAN setting) to route
+unchanged. Each expert name maps to the dataset scope stem that launchers take as `-dataset` (`D/<scope>/TRAIN`).
+A dataset family with experts of its own declares its setting in its module with `register_setting` (the toy
+world: colm/datasets/toy.py); colm.datasets.families imports every family before the first lookup.
 
-Experts of your own: a list entry may be any name. Its scope is the table's for a name listed here, else
-given explicitly as "Name:SCOPE" (meaning `D/SCOPE/TRAIN` and `D/SCOPE/EVAL`), else derived from the name
+Experts of your own: a list entry may be any name. Its scope is the table's for a listed name, else given
+explicitly as "Name:SCOPE" (meaning `D/SCOPE/TRAIN` and `D/SCOPE/EVAL`), else derived from the name
 (upper-cased, separators dropped: "my-echo" -> MYECHO). Where a scope is used to build datasets
 (`setting_scopes`), a scope of your own must be defined by a loaded gin file (launchers: -extra_gin_files);
 concatenation needs only the names (`expert_names`).
+
+Suites. The zero-shot evaluation suites of the paper, `P/EVALUATE/HELDOUT`, `P/EVALUATE/BBH`, `P/EVALUATE/BBLITE`
+and `P/RETRIEVE/HELDOUT` (colm/experiments/eval.gin, train.gin, retriever.gin), take their dataset lists from here:
+    P/EVALUATE/BBH/Evaluator.datasets = @P/EVALUATE/BBH/suite_scopes()
+    P/EVALUATE/BBH/suite_scopes.suite = "BBH"
 """
 
 import difflib
@@ -18,6 +25,9 @@ from collections import OrderedDict
 import gin
 
 from colm import registry
+from colm.datasets import families
+
+# ----- the paper's expert settings ------------------------------------------------------------------------------
 
 # T0 held-in datasets, indices 0-35 (the "T0 setting").
 P3_NAMES = (
@@ -76,45 +86,88 @@ ADD1_NAMES = (
     "Flanv2zsWmt14translatefren",
 )
 
-# The embedded toy world (colm/datasets/toy.gin).
-TOY_NAMES = (
-    "ToySentiment", "ToyTopic", "ToyDiagnosis", "ToyRuling", "ToyQa", "ToySummary", "ToyReverse", "ToyInstrument",
-)
-
 _ZERO_SHOT_PREFIXES = ("Flanv2zs", "Niv2zs")
 
 
-def scope_of(name: str) -> str:
-    """Dataset scope stem of an expert: P3AGNEWS, FLANV2AI2ARCEASY/ZS, NIV2TRANSLATION/ZS, TOYREVERSE.
+def derived_scope(name: str) -> str:
+    """The scope of an expert named without one: "My_Echo-2" -> "MYECHO2", "P3Agnews" -> "P3AGNEWS"."""
+    return re.sub(r"[^A-Za-z0-9]", "", name).upper()
 
-    For P3 and toy experts the scope is the upper-cased name (the scope column of spec 6.7 is exactly
-    that); FLAN, NIV2 and dialog experts drop the "zs" from the name and take the zero-shot "/ZS" scope.
+
+def scope_of(name: str) -> str:
+    """Dataset scope stem of one of the paper's experts: P3AGNEWS, FLANV2AI2ARCEASY/ZS, NIV2TRANSLATION/ZS.
+
+    FLAN, NIV2 and dialog experts drop the "zs" from the name and take the zero-shot "/ZS" scope; the scope of
+    a P3 expert (and of any other name) is the name upper-cased (derived_scope).
     """
     for prefix in _ZERO_SHOT_PREFIXES:
         if name.startswith(prefix):
             return (prefix[: -len("zs")] + name[len(prefix):]).upper() + "/ZS"
-    if name.startswith(("P3", "Toy")):
-        return name.upper()
-    raise ValueError(f"Expert name {name!r} starts with none of P3, Flanv2zs, Niv2zs, Toy: no scope rule for it.")
+    return derived_scope(name)
 
 
 def _setting(*name_lists) -> OrderedDict:
     return OrderedDict((name, scope_of(name)) for names in name_lists for name in names)
 
 
-SETTINGS = {
+# Settings of one family each (the smallest setting holding an expert, see setting_containing), then unions.
+_PAPER_FAMILY_SETTINGS = {
     "P3": _setting(P3_NAMES),
     "Flanv2": _setting(FLANV2_NAMES),
     "Niv2": _setting(NIV2_NAMES),
     "Add1": _setting(ADD1_NAMES),
+}
+_PAPER_SETTINGS = {
+    **_PAPER_FAMILY_SETTINGS,
     "P3flanv2": _setting(P3_NAMES, FLANV2_NAMES),
     "All": _setting(P3_NAMES, FLANV2_NAMES, NIV2_NAMES),
     "Full": _setting(P3_NAMES, FLANV2_NAMES, NIV2_NAMES, ADD1_NAMES),
-    "Toy": _setting(TOY_NAMES),
 }
+_REGISTERED = {}  # setting name -> OrderedDict {expert: scope}, filled by the families' register_setting calls
 
-# Explicit name lists are looked up here.
-_KNOWN = OrderedDict(list(SETTINGS["Full"].items()) + list(SETTINGS["Toy"].items()))
+
+def register_setting(name: str, experts) -> None:
+    """Declares a family's expert setting, called by the family's module at import (colm/datasets/toy.py).
+
+    experts: the expert names in index order, or a mapping {name: scope stem} in index order; a bare name's
+    scope is derived_scope(name). A setting name or an expert name may be registered once.
+    """
+    setting = OrderedDict(experts.items() if hasattr(experts, "items") else ((e, derived_scope(e)) for e in experts))
+    if not setting:
+        raise ValueError(f"register_setting({name!r}): the setting names no experts.")
+    if name in _PAPER_SETTINGS or name in _REGISTERED:
+        raise ValueError(f"register_setting({name!r}): a setting of that name exists already.")
+    for expert in setting:
+        parse_entry(expert)  # checks that the name can become a folder name
+        if expert in _PAPER_SETTINGS["Full"] or any(expert in s for s in _REGISTERED.values()):
+            raise ValueError(f"register_setting({name!r}): expert {expert!r} is in another setting already.")
+    _REGISTERED[name] = setting
+
+
+_families_imported = False
+
+
+def _registered() -> dict:
+    """The registered settings, after importing every dataset family once (their modules register them)."""
+    global _families_imported
+    if not _families_imported:
+        families.import_all()
+        _families_imported = True
+    return _REGISTERED
+
+
+def all_settings() -> dict:
+    """{setting name: OrderedDict {expert: scope}}: the paper's settings, then the families' registered ones.
+    The dicts are the shared tables: copy before changing one (get_setting does)."""
+    return {**_PAPER_SETTINGS, **_registered()}
+
+
+def _known() -> OrderedDict:
+    """Every listed expert (the paper's Full setting, then the registered ones) -> its scope."""
+    known = OrderedDict(_PAPER_SETTINGS["Full"])
+    for setting in _registered().values():
+        known.update(setting)
+    return known
 
 
 # A name becomes a folder name (exp_out/<expert_dir>/<name>_<suffix>); a scope a gin scope (D/<SCOPE>/TRAIN).
@@ -125,11 +178,6 @@ _NAMING_HELP = (
     "(scope = the name upper-cased without separators), and pass the gin file defining those scopes to the "
     "launcher with -extra_gin_files."
 )
-
-
-def derived_scope(name: str) -> str:
-    """The scope of an expert of your own named without one: "My_Echo-2" -> "MYECHO2"."""
-    return re.sub(r"[^A-Za-z0-9]", "", name).upper()
 
 
 def parse_entry(entry) -> tuple:
@@ -160,11 +208,12 @@ def parse_entry(entry) -> tuple:
 def _entries(name_or_list) -> list:
     """[(name, explicit scope or None)] of a setting name or list; checks emptiness and repeated names."""
     if isinstance(name_or_list, str):
-        if name_or_list in SETTINGS:
-            return [(name, None) for name in SETTINGS[name_or_list]]
-        close = difflib.get_close_matches(name_or_list, list(SETTINGS) + list(_KNOWN), n=5)
+        settings = all_settings()
+        if name_or_list in settings:
+            return [(name, None) for name in settings[name_or_list]]
+        close = difflib.get_close_matches(name_or_list, list(settings) + list(_known()), n=5)
         raise ValueError(
-            f"Unknown expert setting {name_or_list!r}. Settings: {sorted(SETTINGS)}"
+            f"Unknown expert setting {name_or_list!r}. Settings: {sorted(settings)}"
             + (f"; close matches: {close}" if close else "")
             + ". To pick experts by name pass a list, e.g. [\"P3Agnews\", \"P3Cosmosqa\"]; experts of your own "
             "are listed the same way, e.g. [\"MyEcho\", \"MySentiment:REVIEWS\"]."
@@ -199,10 +248,11 @@ def get_setting(name_or_list, check_scopes=True) -> OrderedDict:
     registry is loaded and only file names depend on the scope.
     """
     setting = OrderedDict()
+    known = _known()
     loaded = None
     for name, explicit in _entries(name_or_list):
-        if explicit is None and name in _KNOWN:
-            setting[name] = _KNOWN[name]
+        if explicit is None and name in known:
+            setting[name] = known[name]
             continue
         scope = explicit if explicit is not None else derived_scope(name)
         if check_scopes:
@@ -218,24 +268,25 @@ def _unknown_expert_message(name: str, explicit, scope: str) -> str:
     if explicit is not None:
         return (f"Expert {name!r}: its scope {scope!r} has no D/{scope}/TRAIN or D/{scope}/EVAL in the gin files "
                 "given (a 'D/<SCOPE>/TRAIN/build.cls = @LocalDataset' binding, for instance). " + _NAMING_HELP)
-    close = difflib.get_close_matches(name, list(_KNOWN), n=3)
-    return (f"Unknown expert name {name!r}: it is not in colm/checkpoints/expert_order.py"
+    close = difflib.get_close_matches(name, list(_known()), n=3)
+    return (f"Unknown expert name {name!r}: it is in no setting of colm/datasets/settings.py or a dataset family"
             + (f" (close matches: {close})" if close else "")
             + f", and the scope derived from it, D/{scope}/TRAIN, is defined by none of the gin files given. "
             + _NAMING_HELP)
 
 
 def is_listed(name: str) -> bool:
-    """Whether an expert name is one of this module's table (not an expert of your own)."""
-    return name in _KNOWN
+    """Whether an expert name is in a setting (the paper's or a family's), not an expert of your own."""
+    return name in _known()
 
 
 def setting_containing(name: str) -> str:
-    """The smallest named setting that contains an expert (P3, Flanv2, Niv2, Add1 or Toy)."""
-    for setting in ("P3", "Flanv2", "Niv2", "Add1", "Toy"):
-        if name in SETTINGS[setting]:
+    """The smallest named setting that contains an expert (P3, Flanv2, Niv2, Add1 or a family's, e.g. Toy)."""
+    candidates = {**_PAPER_FAMILY_SETTINGS, **_registered()}
+    for setting, experts in candidates.items():
+        if name in experts:
             return setting
-    raise ValueError(f"Expert {name!r} is in none of the settings P3, Flanv2, Niv2, Add1, Toy.")
+    raise ValueError(f"Expert {name!r} is in none of the settings {', '.join(candidates)}.")
 
 
 @gin.configurable
@@ -247,3 +298,45 @@ def setting_scopes(setting=gin.REQUIRED, split="EVAL"):
     if split not in ("TRAIN", "EVAL"):
         raise ValueError(f"setting_scopes.split={split!r}; choose 'TRAIN' or 'EVAL'.")
     return [f"D/{scope}/{split}" for scope in get_setting(setting).values()]
+
+
+# ----- the evaluation suites ----------------------------------------------------------------------------------
+
+# T0 held-out: rank classification over every "original" template, pooled per dataset.
+HELDOUT = (
+    "P3RTE", "P3HSWAG", "P3COPA", "P3WIC", "P3WINOGRANDE", "P3CB", "P3STORYCLOZE",
+    "P3ANLI/R1", "P3ANLI/R2", "P3ANLI/R3", "P3WSCFIXED",
+)
+
+# BIG-bench Hard: 19 tasks on BIG-bench's train+validation data, 3 (boolean_expressions, multistep
+# arithmetic, web_of_lies) on the BBH test set.
+BBH = (
+    "BBBOOLEANEXPRESSIONS", "BBCAUSALJUDGEMENT", "BBDATEUNDERSTANDING", "BBDISAMBIGUATIONQA", "BBFORMALFALLACIES",
+    "BBGEOMETRICSHAPES", "BBHYPERBATON", "BBLOGICALDEDUCTION", "BBMOVIERECOMMENDATION", "BBMULTISTEPARITHMETICTWO",
+    "BBNAVIGATE", "BBOBJECTCOUNTING", "BBPENGUINSINATABLE", "BBREASONINGABOUTCOLOREDOBJECTS", "BBRUINNAMES",
+    "BBSALIENTTRANSLATIONERRORDETECTION", "BBSNARKS", "BBSPORTSUNDERSTANDING", "BBTEMPORALSEQUENCES",
+    "BBTRACKINGSHUFFLEDOBJECTS", "BBWEBOFLIES", "BBWORDSORTING",
+)
+
+# BIG-bench Lite: the 17 of its 24 tasks that the original evaluated.
+BBLITE = (
+    "BBBBQLITEJSON", "BBCONCEPTUALCOMBINATIONS", "BBCONLANGTRANSLATION", "BBFORMALFALLACIES", "BBHINDUKNOWLEDGE",
+    "BBKNOWNUNKNOWNS", "BBLINGUISTICSPUZZLES", "BBLOGICGRIDPUZZLE", "BBLOGICALDEDUCTION", "BBNOVELCONCEPTS",
+    "BBOPERATORS", "BBPLAYDIALOGSAMEORDIFFERENT", "BBREPEATCOPYLOGIC", "BBSTRANGESTORIES", "BBSTRATEGYQA",
+    "BBVITAMINCFACTVERIFICATION", "BBWINOWHY",
+)
+
+SUITES = {"HELDOUT": HELDOUT, "BBH": BBH, "BBLITE": BBLITE}
+
+
+@gin.configurable
+def suite_scopes(suite=gin.REQUIRED, split="EVAL"):
+    """["D/<scope>/EVAL", ...] of an evaluation suite ("HELDOUT", "BBH" or "BBLITE"), in the paper's order."""
+    if suite not in SUITES:
+        close = difflib.get_close_matches(str(suite), list(SUITES), n=3)
+        raise ValueError(
+            f"Unknown evaluation suite {suite!r}; suites: {sorted(SUITES)}"
+            + (f" (close matches: {close})" if close else "")
+            + "."
+        )
+    return [f"D/{scope}/{split}" for scope in SUITES[suite]]

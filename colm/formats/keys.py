@@ -1,6 +1,6 @@
 """Checkpoint key formats: the one place that knows how keys are spelled (T5 layout, spec 3.6).
 
-`<m>` is a module path such as `encoder.block.3.layer.1.DenseReluDense.wi_0`.
+`<m>` is a module path of the model (a linear layer, or a whole stack for a per-stack router).
 
 - plain LoRA (LoRALinear):  `<m>.expert_lora_a` (r x d_in), `<m>.expert_lora_b` (d_out x r)
 - MoE format, expert i:     `<m>._addons.expert_lora.layer1__<i>` (d_in x r),
@@ -34,9 +34,6 @@ INDEXED_KEY = re.compile(
 )
 GATE_KEY = re.compile(r"(?P<module>.+)\._addons\.expert_lora\.(?P<param>expert_input_gate|expert_output_gate)")
 LORA_KEY = re.compile(r"(?P<module>.+)\.expert_lora_(?P<factor>[ab])")
-BLOCK = re.compile(r"(?P<block>(?:encoder|decoder)\.block\.(?P<number>\d+))(?:\..*)?")
-
-
 @dataclass(frozen=True)
 class IndexedKey:
     """A parsed `<module>._addons.<addon>.<param>__<index>` key."""
@@ -178,17 +175,6 @@ def expert_count(state: dict) -> int:
     """Number of experts after validate_experts (indices are 0..N-1); 0 when there are no expert keys."""
     layer1 = [set(g) for (module, p), g in group(state).items() if p == LAYER1]
     return len(set().union(*layer1)) if layer1 else 0
-
-
-def block_of(module: str):
-    """`encoder.block.3` for `encoder.block.3.layer.0.SelfAttention.q`; None outside the blocks."""
-    match = BLOCK.fullmatch(module)
-    return match["block"] if match else None
-
-
-def block_number(module: str):
-    match = BLOCK.fullmatch(module)
-    return int(match["number"]) if match else None
 
 
 def check_contiguous(indices, what: str) -> None:
