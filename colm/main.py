@@ -16,6 +16,7 @@ from colm import (
     registry,
 )
 from colm.ginparse import parse_gin
+from colm.utils import distributed
 from colm.utils.logging import finish_logger, log_config, setup_logger
 from colm.utils.paths import expand
 from colm.utils.progress import quiet_library_bars
@@ -29,19 +30,25 @@ def main(exp_name="debug", procedure_exec_order=(), global_seed=None, logging_ba
     # Output paths in the gin files use ${EXP_NAME}; a direct call with main.exp_name=... must work too.
     os.environ.setdefault("EXP_NAME", exp_name)
     if global_seed is not None:
-        set_seeds(global_seed)
-    setup_logger(logging_backend, exp_name)
+        set_seeds(global_seed)  # the same seed on every rank under torchrun: the same initial experts everywhere
+    # Under torchrun: join the process group before anything is built (the model goes to this rank's GPU).
+    created_group = distributed.init()
+    if distributed.is_main():  # one log (and one wandb run): rank 0's
+        setup_logger(logging_backend, exp_name)
     try:
         procedures = [registry.get_object(name) for name in procedure_exec_order]
         log_config()  # every binding the built procedures used, as the wandb config
-        if not procedures:
-            print("[colm] main.procedure_exec_order is empty: nothing to run.")
-        for name, procedure in zip(procedure_exec_order, procedures):
-            print(f"[colm] {name}: {procedure.describe()}")
+        if distributed.is_main():
+            if not procedures:
+                print("[colm] main.procedure_exec_order is empty: nothing to run.")
+            for name, procedure in zip(procedure_exec_order, procedures):
+                print(f"[colm] {name}: {procedure.describe()}")
         for procedure in procedures:
             procedure.run_in_scope()
     finally:
         finish_logger()
+        if created_group:
+            distributed.teardown()
     return procedures
 
 
@@ -70,7 +77,8 @@ def cli(argv=None):
     try:
         main()
     except ExperimentDirError as error:  # an expected refusal (finished run, directory in use): no traceback
-        print(f"[colm] error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank refuses; one says why
+            print(f"[colm] error: {error}", file=sys.stderr)
         return 1
 
 

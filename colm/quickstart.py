@@ -7,7 +7,8 @@ Every stage is a command of the framework's own launchers and scripts (the same 
 for T5-XL), run on the tiny T5 with MODEL_TYPE=tiny. Each finished stage leaves a marker in
 exp_out/quickstart/.stages/, so a re-run skips it; each stage's output goes to exp_out/quickstart/logs/.
 At the end exp_out/quickstart/results.md holds the method table (held-in average, held-out average, every
-task) and the held-in routing accuracy; routing heatmaps are under exp_out/quickstart/<method>/.
+task) and the held-in routing accuracy, and links results.png (the table as bars) and routing.png (each routed
+method's task-by-expert mass) beside it; routing heatmaps are under exp_out/quickstart/<method>/.
 
 Design of the toy world (why it tests routing): every task is "<instruction> <random letters>", so the
 instruction is the only cue to the skill. Eight held-in skills get one expert each. The held-out tasks
@@ -19,37 +20,41 @@ words it learned), and a composition of two skills (two experts would have to be
 import argparse
 import json
 import os
-import re
-import shlex
-import subprocess
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from colm.datasets.settings import get_setting
 from colm.datasets.toy import HELD_OUT_TASKS, TOY_NAMES, scope_name, task_format, task_of_scope
-from colm.formats.layout import EXP_OUT, EXPERTS_FILE, RESULTS_FILE
-from colm.procedures.results import read_results
+from colm.formats.layout import EXP_OUT, EXPERTS_FILE, RESULTS_FILE, TASK_BY_EXPERT_FILES
+from colm.procedures.expert_jobs import (
+    GATED_SUFFIX,
+    SCRIPTS,
+    expert_paths,
+    gate_commands,
+    lora_commands,
+    manipulation_command,
+)
+from colm.procedures.plots import bar_chart, heatmap_grid
+from colm.procedures.results import RESULTS_FIGURE, read_results
+from colm.procedures.stages import FAILED, SKIPPED, Stage, StageRunner
 from colm.utils.progress import progress
 from colm.utils.reproducible import set_reproducible_cpu_env
 
 ROOT = "quickstart"  # under exp_out/
-SCRIPTS = "colm/experiments/bash_scripts"
 HELD_IN = list(TOY_NAMES)
 HELD_OUT = [scope_name(task) for task in HELD_OUT_TASKS]
 SUFFIX = "tiny_lora"
-GATE_SUFFIX = "tiny_lora_inpgatetrainnogumbel"
+GATE_SUFFIX = f"{SUFFIX}_{GATED_SUFFIX}"  # tiny_lora_inpgatetrainnogumbel
 # Each evaluated method and its folder under exp_out/quickstart/ (holding best.pt and results.txt).
 METHOD_DIRS = {"PHATGOOSE": "phatgoose", "PHATGOOSE, centred (beyond the paper)": "phatgoose_centred",
                "Average Activation": "experts_all", "Arrow": "arrow", "Retrieval": "retrieval",
                "Merged Experts": "merged", "Multitask": "multitask", "Base model": "base"}
 # Token-routed methods whose routing the report diagnoses (scripts/analyze_routing.py).
 ROUTED = ("PHATGOOSE", "PHATGOOSE, centred (beyond the paper)", "Average Activation", "Arrow")
+ROUTING_FIGURE = "routing.png"  # beside results.md: every routed method's task-by-expert mass
 
 
 @dataclass
@@ -70,12 +75,6 @@ class Budget:
         return cls(expert_steps=30, gate_steps=6, multitask_steps=30, eval_examples=16, train_examples=200, library_rows=50,
                    avgact_examples=24, calibration_examples=8,
                    held_in=("ToySentiment", "ToyReverse"), held_out=("TOYFILMSENTIMENT",))
-
-
-@dataclass
-class Stage:
-    name: str
-    commands: list = field(default_factory=list)  # each a list of argv words
 
 
 def _quote_list(items):
@@ -100,8 +99,9 @@ class Pipeline:
 
     def train_bindings(self, steps):
         interval = max(steps // 3, 1)
-        # A stage without its marker runs again from the start: a training it had finished is redone (the same
-        # seeds give the same weights), so it may overwrite that run.
+        # A stage without its marker runs again from its first command without a step marker
+        # (colm/procedures/stages.py): a training stopped before its marker is redone from step 0 (the same seeds
+        # give the same weights), so it may overwrite that run.
         return (f"{self.data_bindings()} P/TRAIN/Trainer.gradient_accumulation_factor=1 P/TRAIN/Trainer.overwrite=True "
                 f"P/TRAIN/Trainer.num_steps={steps} P/TRAIN/Trainer.validation_step_interval={interval}")
 
@@ -113,36 +113,22 @@ class Pipeline:
     def path(self, *parts):
         return "/".join((self.root,) + parts)
 
-    @staticmethod
-    def manip(func, **kwargs):
-        bindings = [f"func_caller.func=@{func}"] + [
-            f"{func}.{k}={v}" if isinstance(v, (int, list)) or str(v).startswith("[") else f'{func}.{k}="{v}"'
-            for k, v in kwargs.items()]
-        return ["python", "scripts/manipulations.py", "--gin_bindings", *bindings]
+    manip = staticmethod(manipulation_command)
 
     # ----- the stages ---------------------------------------------------------------------------
     def stages(self):
         b = self.budget
         stages = []
         for name, scope in self.held_in.items():
-            lora = self.path("experts", f"{name}_{SUFFIX}")
-            moe = self.path("moe", f"{name}_{SUFFIX}")
-            gated = self.path("moe", f"{name}_{GATE_SUFFIX}")
-            stages.append(Stage(f"expert {name}", [
-                ["bash", f"{SCRIPTS}/train_single_task_loralinear.sh", "-exp_name", lora, "-dataset", scope,
-                 "-extra_bindings", self.train_bindings(b.expert_steps)],
-                self.manip("put_index_to_lora", path=lora, out_path=moe),
-            ]))
+            # the README's per-expert commands (colm/procedures/expert_jobs.py), under exp_out/quickstart/
+            paths = expert_paths(name, SUFFIX, lora_dir=self.path("experts"), expert_dir=self.path("moe"))
+            stages.append(Stage(f"expert {name}", lora_commands(scope, paths, self.train_bindings(b.expert_steps))))
             stages.append(Stage(f"average activation {name}", [
-                ["bash", f"{SCRIPTS}/reinit_router_embedding.sh", "-exp_name", moe, "-dataset", scope, "-arch", "A2",
+                ["bash", f"{SCRIPTS}/reinit_router_embedding.sh", "-exp_name", paths.moe, "-dataset", scope, "-arch", "A2",
                  "-compute_hiddens", "True", "-hiddens_suffix", "_a2", "-max_examples", str(b.avgact_examples),
                  "-extra_bindings", self.data_bindings()],
             ]))
-            stages.append(Stage(f"gate {name}", [
-                ["bash", f"{SCRIPTS}/train_gate.sh", "-exp_name", gated, "-dataset", scope, "-old_exp_name", moe,
-                 "-extra_bindings", self.train_bindings(b.gate_steps)],
-                self.manip("use_input_gate_as_router", path=gated),
-            ]))
+            stages.append(Stage(f"gate {name}", gate_commands(scope, paths, self.train_bindings(b.gate_steps))))
         names = list(self.held_in)
         concat = ["python", "scripts/concatenate.py", "--gin_bindings", f"run_concatenate.datasets={_quote_list(names)}",
                   f'run_concatenate.expert_dir="{self.path("moe")}"']
@@ -223,45 +209,31 @@ class Pipeline:
              "--experts", os.path.join(self.out, METHOD_DIRS["PHATGOOSE"], EXPERTS_FILE)]
             for method in ROUTED])
 
-    def run_stage(self, stage, bar, lock):
-        marker = os.path.join(self.out, ".stages", _slug(stage.name))
-        if os.path.exists(marker):
-            message = f"[quickstart] {stage.name}: done before, skipped"
-        else:
-            log = os.path.join(self.out, "logs", _slug(stage.name) + ".log")
-            started = time.time()
-            with open(log, "w") as f:
-                for command in stage.commands:
-                    f.write("$ " + shlex.join(command) + "\n")
-                    f.flush()
-                    argv = [sys.executable if command[0] == "python" else command[0]] + command[1:]
-                    if subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
-                        raise RuntimeError(f"[quickstart] stage '{stage.name}' failed; see {log}:\n" + _tail(log))
-            open(marker, "w").close()
-            message = f"[quickstart] {stage.name}: {time.time() - started:.0f}s"
-        with lock:
-            bar.update(1)
-            self.finished += 1
-            tqdm.write(f"{message} ({self.finished}/{self.total} stages, {time.time() - self.started:.0f}s in all)")
-
     def run(self, jobs=2):
-        os.makedirs(os.path.join(self.out, ".stages"), exist_ok=True)
-        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
-        started = self.started = time.time()
+        """Runs the waves one after another (colm/procedures/stages.py: markers in exp_out/<root>/.stages/, logs
+        in exp_out/<root>/logs/); the first wave with a failed stage ends the run once its other chains end."""
+        started = time.time()
         waves = self.waves()
-        self.finished, self.total = 0, sum(len(chain) for wave in waves for chain in wave)
-        lock = threading.Lock()
+        total, finished = sum(len(chain) for wave in waves for chain in wave), []
+        runner = StageRunner(self.out)
         # On a terminal a bar with the stage count and ETA; in a log, one plain line per finished stage.
-        with progress(total=self.total, desc="quickstart", unit="stage",
+        with progress(total=total, desc="quickstart", unit="stage",
                       dynamic_ncols=True) as bar:
+
+            def on_result(result):
+                finished.append(result)
+                bar.update(1)
+                message = ("done before, skipped" if result.status == SKIPPED else
+                           f"{result.status} after {result.seconds:.0f}s" if result.status == FAILED else
+                           f"{result.seconds:.0f}s")
+                tqdm.write(f"[quickstart] {result.name}: {message} ({len(finished)}/{total} stages, "
+                           f"{time.time() - started:.0f}s in all)")
+
             for wave in waves:
-                with ThreadPoolExecutor(max_workers=jobs) as pool:
-                    chains = [pool.submit(lambda c=chain: [self.run_stage(s, bar, lock) for s in c]) for chain in wave]
-                    for chain in chains:
-                        try:
-                            chain.result()
-                        except RuntimeError as error:
-                            raise SystemExit(str(error)) from None
+                failed = [r for r in runner.run_chains(wave, jobs, on_result) if r.status == FAILED]
+                if failed:
+                    raise SystemExit("\n".join(f"[quickstart] stage '{r.name}' failed; see {r.log}:\n{r.tail}"
+                                                for r in failed))
         table = self.report()
         print(table)
         print(f"[quickstart] total {time.time() - started:.0f}s; written to {self.out}/results.md")
@@ -314,31 +286,73 @@ class Pipeline:
             rows.append((scope, task, held_in) + task_format(task))
         return rows
 
+    def table(self):
+        """(column labels, {row: {column: value or None}}): what results.md prints and results.png draws. Columns:
+        held-in average, held-out average, then every task; rows: every method, Oracle, then Chance. An average is
+        over the tasks with a score (None when none has one)."""
+        scores = self.scores()
+        columns = self.columns()
+        task_labels = [f"{task} ({'in' if held else 'out'}, {'acc' if metric == 'accuracy' else 'EM'})"
+                       for _, task, held, metric, _ in columns]
+        rows = dict(scores)
+        rows["Chance"] = {f"D/{c[0]}/EVAL": c[4] for c in columns}
+        table = {}
+        for label, per_scope in rows.items():
+            cells = [per_scope.get(f"D/{c[0]}/EVAL") for c in columns]
+            ins = [v for v, c in zip(cells, columns) if c[2] and v is not None]
+            outs = [v for v, c in zip(cells, columns) if not c[2] and v is not None]
+            table[label] = {"held-in avg": float(np.mean(ins)) if ins else None,
+                            "held-out avg": float(np.mean(outs)) if outs else None, **dict(zip(task_labels, cells))}
+        return ["held-in avg", "held-out avg"] + task_labels, table
+
+    def figures(self, columns, table):
+        """Writes results.png (the table as bars, chance as a line) and, once a routing diagnosis exists,
+        routing.png (each token-routed method's task-by-expert mass, encoder and decoder side); returns the
+        markdown lines that link them: (lines for under the score table, lines for under the routing tables)."""
+        methods = {label: values for label, values in table.items() if label != "Chance"}
+        bar_chart(methods, columns, os.path.join(self.out, RESULTS_FIGURE),
+                  "Quickstart: score per method (held-in and held-out averages, then every task); line: chance",
+                  reference=table["Chance"])
+        score_lines, routing_lines = ["", f"![scores per method and task]({RESULTS_FIGURE})"], []
+        panels, diagnosed = [], []
+        for method in ROUTED:
+            diagnosis_dir = "/".join((METHOD_DIRS[method], "routing_distribution", "diagnosis"))
+            path = os.path.join(self.out, diagnosis_dir, "routing_diagnosis.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                diagnosis = json.load(f)
+            experts = [e["name"] for e in diagnosis["experts"]]
+            for side, data in diagnosis["sides"].items():
+                panels.append((f"{method}, {side}", data["mass"], [_short(t) for t in data["tasks"]], experts))
+            # the diagnosis writes each side's heatmap beside its JSON, the task's own expert outlined
+            diagnosed.append(f"{method}: " + ", ".join(f"[{side}]({diagnosis_dir}/{file})"
+                                                        for side, file in TASK_BY_EXPERT_FILES.items()))
+        if panels:
+            heatmap_grid(panels, os.path.join(self.out, ROUTING_FIGURE),
+                         "Routing mass by task and expert, mean over the linears of each side")
+            routing_lines = ["", f"![routing mass by task and expert]({ROUTING_FIGURE}) (each method's, own expert "
+                             f"outlined: {'; '.join(diagnosed)})"]
+        return score_lines, routing_lines
+
     def report(self) -> str:
         scores = self.scores()
         columns = self.columns()
         held_in = [c for c in columns if c[2]]
+        labels, table = self.table()
 
-        def avg(values):
-            values = [v for v in values if v is not None]
-            return f"{np.mean(values):.3f}" if values else "-"
-
-        def row(label, per_scope):
-            cells = [per_scope.get(f"D/{c[0]}/EVAL") for c in columns]
-            ins, outs = cells[: len(held_in)], cells[len(held_in):]
-            return (f"| {label} | {avg(ins)} | {avg(outs)} | "
-                    + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+        def row(label):
+            return "| " + " | ".join([label] + [_fmt(table[label][column]) for column in labels]) + " |"
 
         lines = ["# Quickstart: PHATGOOSE and baselines on the toy world", "",
                  f"Scores on {self.budget.eval_examples} validation examples per task (accuracy for classification by rank classification, "
                  "exact match for generation). Held-in tasks (in) each have an expert of their own; held-out tasks "
                  "(out) have none. The chance row is what guessing among the answer choices scores.", "",
-                 "| method | held-in avg | held-out avg | "
-                 + " | ".join(f"{task} ({'in' if held else 'out'}, {'acc' if metric == 'accuracy' else 'EM'})"
-                              for _, task, held, metric, _ in columns) + " |",
-                 "|---" * (3 + len(columns)) + "|"]
-        lines += [row(method, per_task) for method, per_task in scores.items()]
-        lines.append(row("Chance", {f"D/{c[0]}/EVAL": c[4] for c in columns}))
+                 "| method | " + " | ".join(labels) + " |",
+                 "|---" * (1 + len(labels)) + "|"]
+        lines += [row(label) for label in table]
+        score_figure, routing_figure = self.figures(labels, table)
+        lines += score_figure
         oracle = [scores["Oracle (own expert)"].get(f"D/{c[0]}/EVAL") for c in held_in]
         phatgoose = [scores["PHATGOOSE"].get(f"D/{c[0]}/EVAL") for c in held_in]
         if None not in oracle + phatgoose and np.mean(oracle) > 0:
@@ -364,18 +378,20 @@ class Pipeline:
                           "| task | encoder | decoder |", "|---|---|---|"]
                 lines += [f"| {name} | {_fmt(v['encoder'])} | {_fmt(v['decoder'])} |"
                           for name, v in summaries["PHATGOOSE"]["per_task"].items()]
+        lines += routing_figure
         text = "\n".join(lines) + "\n"
         with open(os.path.join(self.out, "results.md"), "w") as f:
             f.write(text)
         return text
 
 
+def _short(dataset):
+    """`D/TOYTOPIC/EVAL` -> `TOYTOPIC` (figure labels)."""
+    return dataset.removeprefix("D/").removesuffix("/EVAL")
+
+
 def _fmt(value):
     return "-" if value is None else f"{value:.3f}"
-
-
-def _slug(name):
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 def _last_scores(path):
@@ -383,11 +399,6 @@ def _last_scores(path):
         return {}
     results = read_results(path)[-1][1]
     return {k: v["score"] for k, v in results.items() if isinstance(v, dict)}
-
-
-def _tail(path, lines=30):
-    with open(path) as f:
-        return "".join(f.readlines()[-lines:])
 
 
 def main(argv=None):

@@ -189,6 +189,6 @@ def test_module_groups_special_ids_and_interfaces():
     assert special_ids(tokenizer) == (None, tokenizer.eos_token_id)
     assert interfaces.for_architecture("t5") is interfaces.ENCODER_DECODER
     with pytest.raises(NotImplementedError, match="interfaces.py"):
-        interfaces.for_architecture("llama")
+        interfaces.for_architecture("mamba")
     with pytest.raises(NotImplementedError, match="architecture.py"):
-        A.token_side("model.layers.0.self_attn.q_proj", "llama")
+        A.token_side("backbone.layers.0.mixer.in_proj", "mamba")

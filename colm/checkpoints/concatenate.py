@@ -4,16 +4,21 @@ Expert `<name>` is read from `exp_out/datasets_concatenated/<name>_<suffix>/best
 and becomes expert i, i = the name's position in the setting (`colm/datasets/settings.py`); a list may name
 experts of your own ("MyEcho", "MyTask:MYSCOPE"). Beside the concatenated `best.pt`, `experts.json` names the experts in
 index order (colm/formats/experts_file.py), so that analyses can label experts by name.
+
+With `run_concatenate.library="<dir>"` (or list items that are paths), the experts are expert library entries
+instead (colm/checkpoints/library.py): `<dir>/<name>/expert.safetensors`, in the order listed, reading only the
+listed entries.
 """
 
 import os
 
 import gin
 
+from colm.checkpoints import library as lib
 from colm.checkpoints.averaged_hiddens import REINIT_SCRIPT
 from colm.datasets.settings import get_setting
 from colm.formats import keys as K
-from colm.formats.checkpoint_io import read_checkpoint, write_experiment
+from colm.formats.checkpoint_io import checkpoint_exists, experiment_file, read_checkpoint, write_experiment
 from colm.formats.experts_file import write_experts_file
 from colm.formats.layout import CONCATENATED_DIR, checkpoint_file, expert_path
 from colm.utils.coerce import as_bool
@@ -122,18 +127,22 @@ def _read_all(files: dict):
 @gin.configurable
 def run_concatenate(arch="A2", datasets=(), print_commands=False, suffix="lora",
                     out_path="CompleteA2_lora_concatenated", compute_hiddens=False, hiddens_suffix="_a2",
-                    extra_bindings="", expert_dir=CONCATENATED_DIR):
+                    extra_bindings="", expert_dir=CONCATENATED_DIR, library=None):
     """Concatenates the setting's experts into exp_out/<out_path>/best.pt, or with print_commands=True prints
     (and returns) the per-expert reinit_router_embedding.sh commands instead. Experts are read from
-    exp_out/<expert_dir>/<name>_<suffix>/best.pt (expert_dir "datasets_concatenated", as in the original)."""
+    exp_out/<expert_dir>/<name>_<suffix>/best.pt (expert_dir "datasets_concatenated", as in the original), or,
+    with `library` bound or entries given by path, from expert library entries (suffix and expert_dir unused)."""
+    if not as_bool(print_commands, "run_concatenate.print_commands") and lib.uses_library(datasets, library):
+        return concatenate_library_entries(datasets, library, out_path)
     setting = _setting(datasets)
     if as_bool(print_commands, "run_concatenate.print_commands"):
         commands = reinit_router_commands(setting, arch, suffix, compute_hiddens, hiddens_suffix, extra_bindings)
         print(commands)
         return commands
     out_file = checkpoint_file(out_path, "run_concatenate.out_path")
-    files = {name: checkpoint_file(expert_path(name, suffix, expert_dir)) for name in setting}
-    missing = [f for f in files.values() if not os.path.isfile(f)]
+    # expert_dir may be a gs://bucket/prefix as well as a folder under exp_out/
+    files = {name: experiment_file(expert_path(name, suffix, expert_dir)) for name in setting}
+    missing = [f for f in files.values() if not checkpoint_exists(f)]
     if missing:
         raise FileNotFoundError(
             f"run_concatenate: {len(missing)} of {len(files)} expert checkpoints missing: {missing}. Each comes from "
@@ -144,6 +153,18 @@ def run_concatenate(arch="A2", datasets=(), print_commands=False, suffix="lora",
     write_experiment(state, out_path, "run_concatenate.out_path")
     names_file = write_experts_file(os.path.dirname(out_file), setting)
     print(f"[colm] run_concatenate: {len(files)} experts -> {out_file} (names in {names_file})")
+    return out_file
+
+
+def concatenate_library_entries(entries, library, out_path) -> str:
+    """Concatenates expert library entries (names under `library`, paths, or a setting name) in the order given
+    into exp_out/<out_path>/best.pt and its experts.json; reads only the listed entries."""
+    out_file = checkpoint_file(out_path, "run_concatenate.out_path")
+    resolved = lib.resolve_entries(entries, library)
+    state = concatenate_states(lib.read_entries(resolved))
+    write_experiment(state, out_path, "run_concatenate.out_path")
+    names_file = write_experts_file(os.path.dirname(out_file), {name: scope for name, scope, _, _ in resolved})
+    print(f"[colm] run_concatenate: {len(resolved)} library entries -> {out_file} (names in {names_file})")
     return out_file
 
 

@@ -22,6 +22,7 @@ BEST_CHECKPOINT = "best.pt"
 RESULTS_FILE = "results.txt"
 RESULTS_IN_TRAINING_FILE = "results_in_training.txt"
 EXPERTS_FILE = "experts.json"
+TASK_BY_EXPERT_FILES = {"encoder": "task_by_expert_encoder.png", "decoder": "task_by_expert_decoder.png"}  # routing summaries
 CONCATENATED_DIR = "datasets_concatenated"
 HIDDENS_EXTENSION = ".safetensors"
 RETRIEVAL_LIBRARY_SUFFIX = "_embeddings.npy"

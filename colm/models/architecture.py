@@ -1,8 +1,9 @@
 """Architecture facts, asked by module name: the one place outside the gin files that knows how a model is wired.
 
 Code outside colm/models/ (routers, analysis of saved routing files, checkpoint surgery) asks these functions
-instead of spelling module names, so that it works without a model at hand and a new architecture (decoder-only)
-is one more entry in ARCHITECTURES (and in module_names.SHORTCUTS, colm/models/interfaces.py BY_ARCHITECTURE):
+instead of spelling module names, so that it works without a model at hand and a new architecture is one more entry
+in ARCHITECTURES (and in module_names.SHORTCUTS, colm/models/interfaces.py BY_ARCHITECTURE). There are three: T5
+(encoder-decoder) and the decoder-only LLAMA (Llama-style names) and GPT2 (GPT-2 names, Conv1D linears):
 
 - `stack_of` / `token_side`: the stack a module sits in, and the tokens it runs on (in T5 the cross-attention
   keys and values sit in the decoder but project the encoder's output, one row per encoder token);
@@ -20,7 +21,10 @@ import re
 from dataclasses import dataclass
 
 T5 = "t5"
+LLAMA = "llama"  # decoder-only, Llama-style names: model.layers.N.self_attn.q_proj ... mlp.gate_proj / up_proj / down_proj
+GPT2 = "gpt2"  # decoder-only, GPT-2 names: transformer.h.N.attn.c_attn (fused q, k, v), c_proj, mlp.c_fc, c_proj
 ENCODER, DECODER = "encoder", "decoder"
+NOTHING = re.compile(r"(?!)")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ class Architecture:
     a1_router_input: str  # A1: the module whose output, pooled per example, that router reads
     a1_router_sources: tuple  # name parts of the routers make_one_router_decoder averages into it
     groups: tuple  # (label, full-match pattern) of the routing diagnosis' module groups
+    # GPT-2 writes its linears as transformers' Conv1D (y = x W + b, W of shape d_in x d_out). Model turns each one
+    # into an equal nn.Linear when it loads such a model (hf_loading.conv1d_as_linear), so LoRA, experts, gates
+    # and sizes ("host_module.in_features") see nn.Linear everywhere; the expert keys stay `<module>._addons...`.
+    conv1d_linears: bool = False
 
 
 ARCHITECTURES = {
@@ -54,6 +62,37 @@ ARCHITECTURES = {
             ("cross-attn k/v", re.compile(r"decoder\..*\.EncDecAttention\.(k|v)")),
             ("decoder FFN", re.compile(r"decoder\..*\.DenseReluDense\.\w+")),
         ),
+    ),
+    # Decoder-only models have one stack and every token is a decoder token (token_side is "decoder" everywhere).
+    # They have no A1 architecture (its decoder router reads the pooled output of an encoder): a1_* are None / ().
+    LLAMA: Architecture(
+        stacks=("model",),
+        cross_stack=NOTHING,
+        block=re.compile(r"(?P<block>model\.layers\.(?P<number>\d+))(?:\..*)?"),
+        ffn=re.compile(r".*\.mlp(?:\..*)?"),
+        model_width=re.compile(r".*\.self_attn\.q_proj"),
+        a1_router=None,
+        a1_router_input=None,
+        a1_router_sources=(),
+        groups=(
+            ("decoder self-attn", re.compile(r"model\..*\.self_attn\.(q|k|v|o)_proj")),
+            ("decoder FFN", re.compile(r"model\..*\.mlp\.(gate|up|down)_proj")),
+        ),
+    ),
+    GPT2: Architecture(
+        stacks=("transformer",),
+        cross_stack=NOTHING,
+        block=re.compile(r"(?P<block>transformer\.h\.(?P<number>\d+))(?:\..*)?"),
+        ffn=re.compile(r".*\.mlp(?:\..*)?"),
+        model_width=re.compile(r".*\.attn\.c_attn"),
+        a1_router=None,
+        a1_router_input=None,
+        a1_router_sources=(),
+        groups=(
+            ("decoder self-attn", re.compile(r"transformer\..*\.attn\.(c_attn|c_proj)")),
+            ("decoder FFN", re.compile(r"transformer\..*\.mlp\.(c_fc|c_proj)")),
+        ),
+        conv1d_linears=True,
     ),
 }
 
@@ -105,15 +144,23 @@ def reads_model_width(module_name: str, architecture: str = T5) -> bool:
 
 
 # ----- the A1 architecture --------------------------------------------------------------------------------
+def _a1(architecture, fact):
+    value = getattr(facts(architecture), fact)
+    if value is None:
+        raise NotImplementedError(f"Architecture {architecture!r} has no A1 (its decoder router reads the pooled output "
+                                  "of an encoder); use -arch A2 or single.")
+    return value
+
+
 def a1_router(architecture: str = T5) -> str:
     """The module that hosts A1's one decoder router (checkpoint keys `<it>._addons.router...`)."""
-    return facts(architecture).a1_router
+    return _a1(architecture, "a1_router")
 
 
 def a1_router_input(architecture: str = T5) -> str:
     """The module whose output, pooled per example, the A1 decoder router reads (its gin shortcut is
     "encoder_final_ln"; moe_lora_rank16_a1.gin wires it)."""
-    return facts(architecture).a1_router_input
+    return _a1(architecture, "a1_router_input")
 
 
 def a1_router_sources(architecture: str = T5) -> tuple:

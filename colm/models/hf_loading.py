@@ -7,7 +7,10 @@ same `from_pretrained` path as google/t5-xl-lm-adapt.
 import os
 
 import gin
+import torch
 import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from colm.utils.paths import expand
 from colm.utils.progress import quiet_library_bars
@@ -53,3 +56,26 @@ def hf_torch_model(model_name_or_path=gin.REQUIRED, model_class="seq2seq_lm"):
 def hf_tokenizer(model_name_or_path=gin.REQUIRED):
     path = resolve_name_or_path(model_name_or_path)
     return _load(transformers.AutoTokenizer.from_pretrained, path, "tokenizer")
+
+
+def conv1d_as_linear(torch_model) -> int:
+    """Replaces every transformers Conv1D (GPT-2's linears: y = x W + b with W of shape d_in x d_out) by the equal
+    nn.Linear (weight W^T), in place, so that LoRA, experts, gates and sizes see nn.Linear in every architecture.
+    The module names stay, so do the expert keys (`transformer.h.0.attn.c_attn._addons.expert_lora.layer1__0`);
+    only the frozen base weight is stored transposed. Returns how many were replaced."""
+    replaced = 0
+    for module in list(torch_model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, Conv1D):
+                continue
+            d_in, d_out = child.weight.shape
+            linear = nn.Linear(d_in, d_out, bias=child.bias is not None, device=child.weight.device,
+                               dtype=child.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(child.weight.t())
+                if child.bias is not None:
+                    linear.bias.copy_(child.bias)
+            linear.weight.requires_grad_(child.weight.requires_grad)
+            setattr(module, child_name, linear)
+            replaced += 1
+    return replaced

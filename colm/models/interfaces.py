@@ -1,15 +1,28 @@
-"""How a model runs on a batch, per interface (spec 5.4), per architecture (BY_ARCHITECTURE; T5: encoder-decoder).
+"""How a model runs on a batch, per interface (spec 5.4), per architecture (BY_ARCHITECTURE; T5: encoder-decoder;
+LLAMA and GPT2: decoder-only causal LMs).
 
 - lm: teacher-forced cross-entropy on the target (mean over non-pad target tokens).
-- gen: greedy (or beam) generation, decoded without special tokens.
+- gen: greedy (or beam, T5 only) generation, decoded without special tokens.
 - mc: rank classification. The encoder runs ONCE per example; its output is repeated for every answer
   choice; each choice's score is its summed token loss, divided by its length when length_normalization.
   Padding-only choices (examples with fewer choices) score +inf. Prediction = argmin.
+
+Decoder-only: the batch is the same (input_ids, target_ids, answer_choices_ids, each right-padded, each text
+ended by the tokenizer's eos). The model reads the input's tokens (its eos is the separator) and continues with
+the target, so
+- lm: one sequence per example, input then target; the loss is on the target's tokens only;
+- gen: the prompts are moved to the right (left padding, positions counted from each row's first real token),
+  then greedy decoding with the KV cache until every row has written eos or max_gen_length tokens; output_ids
+  start with each prompt's last token, as T5's start with the decoder start token;
+- mc: the shared prefix (the input) runs ONCE per example with the cache on; the cache is repeated for every
+  answer choice and the choices run as one continuation of it. A choice's first token is scored by the prefix's
+  last logits, the others by the continuation's. Scores equal those of running input + choice whole.
 """
 
+import torch
 from torch.nn import functional as F
 
-from colm.models.architecture import T5
+from colm.models.architecture import GPT2, LLAMA, T5
 
 
 def _labels(target_ids, pad_id):
@@ -64,8 +77,127 @@ def mc_byppl_4encdec(model, batch, interface_info):
 
 ENCODER_DECODER = {"lm": lm_4encdec, "gen": gen_4encdec, "mc": mc_byppl_4encdec}
 
+
+# ----- decoder-only causal LMs ----------------------------------------------------------------------------------
+def _real_lengths(ids, pad):
+    """Real tokens per row of a right-padded batch (a pad id never occurs inside a tokenized text)."""
+    return (ids != pad).sum(dim=1)
+
+
+def join_right_padded(first, second, pad):
+    """Each row's real tokens of `first` followed by its real tokens of `second`, right-padded.
+    Returns (ids, attention_mask, in_second) of shape (B, longest row)."""
+    len1, len2 = _real_lengths(first, pad), _real_lengths(second, pad)
+    total = len1 + len2
+    positions = torch.arange(int(total.max()), device=first.device)[None, :]
+    from_first = first.gather(1, positions.clamp(max=first.shape[1] - 1).expand(first.shape[0], -1))
+    from_second = second.gather(1, (positions - len1[:, None]).clamp(0, second.shape[1] - 1))
+    ids = torch.where(positions < len1[:, None], from_first, from_second)
+    real = positions < total[:, None]
+    ids = ids.masked_fill(~real, pad)
+    in_second = real & (positions >= len1[:, None])
+    return ids, real.long(), in_second
+
+
+def left_padded(ids, pad):
+    """A right-padded batch moved to the right: (ids, attention_mask, position_ids), positions counting from each
+    row's first real token (0 on padding)."""
+    lengths = _real_lengths(ids, pad)
+    width = ids.shape[1]
+    source = torch.arange(width, device=ids.device)[None, :] - (width - lengths)[:, None]
+    real = source >= 0
+    moved = ids.gather(1, source.clamp(min=0)).masked_fill(~real, pad)
+    mask = real.long()
+    return moved, mask, (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def lm_4causal(model, batch, interface_info):
+    pad = model.pad_id
+    ids, mask, in_target = join_right_padded(batch["input_ids"], batch["target_ids"], pad)
+    labels = ids.masked_fill(~in_target, -100)  # the model shifts them: logits at t predict the token at t + 1
+    out = model.torch_model(input_ids=ids, attention_mask=mask, labels=labels)
+    return {"loss": out.loss}
+
+
+def greedy_generate(model, input_ids, max_new_tokens, use_cache=True):
+    """Greedy continuations (B, n <= max_new_tokens) of right-padded prompts; after a row's eos, pad. With
+    use_cache=False every step re-runs the whole sequence (the reference the cache is tested against)."""
+    pad, eos = model.pad_id, model.eos_id
+    ids, mask, positions = left_padded(input_ids, pad)
+    out = model.torch_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    generated = []
+    for _ in range(max_new_tokens):
+        next_token = out.logits[:, -1].argmax(dim=-1).masked_fill(finished, pad)
+        generated.append(next_token)
+        finished = finished | (next_token == eos)
+        if bool(finished.all()) or len(generated) == max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        if use_cache:
+            position = mask.sum(dim=1, keepdim=True) - 1
+            out = model.torch_model(input_ids=next_token[:, None], attention_mask=mask, position_ids=position,
+                                    cache=out.cache, use_cache=True)
+        else:
+            ids = torch.cat([ids, next_token[:, None]], dim=1)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            out = model.torch_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    if not generated:
+        return input_ids.new_zeros(input_ids.shape[0], 0)
+    return torch.stack(generated, dim=1)
+
+
+def gen_4causal(model, batch, interface_info):
+    if interface_info.num_beams not in (None, 1):
+        raise NotImplementedError(f"Decoder-only generation is greedy; num_beams={interface_info.num_beams}.")
+    generated = greedy_generate(model, batch["input_ids"], interface_info.max_gen_length)
+    texts = model.tokenizer.batch_decode(generated, skip_special_tokens=True)
+    # The layout of T5's output (and of the routing analysis, colm/procedures/analysis.py): output_ids start with
+    # the token that wrote the first generated one (here each prompt's last token, its eos), and the routers' steps
+    # (<key> + ("concatenated",)) hold one token per step: of the prompt's pass only its last token is kept.
+    last = left_padded(batch["input_ids"], model.pad_id)[0][:, -1:]
+    for key, steps in model.global_hidden_dict.items():
+        if isinstance(key, tuple) and key[-1] == "concatenated" and steps and steps[0].dim() == 3:
+            steps[0] = steps[0][:, -1:]
+    return {"output_ids": torch.cat([last, generated], dim=1), "output_text": texts}
+
+
+def choice_scores_4causal(model, batch, interface_info):
+    """Per-choice loss (B, C) as choice_scores, the prefix run once per example (its KV cache shared by the choices)."""
+    pad = model.pad_id
+    input_ids, choices = batch["input_ids"], batch["answer_choices_ids"]
+    b, c, t = choices.shape
+    prefix, prefix_mask, positions = left_padded(input_ids, pad)
+    out = model.torch_model(input_ids=prefix, attention_mask=prefix_mask, position_ids=positions, use_cache=True)
+    cache = out.cache
+    cache.batch_repeat_interleave(c)  # in place: every choice continues its own example's prefix
+    flat = choices.reshape(b * c, t)
+    choice_mask = flat != pad
+    mask = torch.cat([prefix_mask.repeat_interleave(c, dim=0), choice_mask.long()], dim=1)
+    start = prefix_mask.sum(dim=1).repeat_interleave(c)
+    choice_positions = start[:, None] + torch.arange(t, device=flat.device)[None, :]
+    continued = model.torch_model(input_ids=flat, attention_mask=mask, position_ids=choice_positions, cache=cache,
+                                  use_cache=True)
+    first = out.logits[:, -1:].repeat_interleave(c, dim=0)  # predicts each choice's first token
+    logits = torch.cat([first, continued.logits[:, :-1]], dim=1)
+    labels = flat.masked_fill(~choice_mask, -100)
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    score = token_loss.sum(dim=1)
+    if interface_info.length_normalization:
+        score = score / (choice_mask.sum(dim=1).float() + 1e-6)
+    score = score.masked_fill(~choice_mask.any(dim=1), float("inf"))
+    return score.view(b, c)
+
+
+def mc_byppl_4causal(model, batch, interface_info):
+    scores = choice_scores_4causal(model, batch, interface_info)
+    return {"choice_scores": scores, "prediction": scores.argmin(dim=1)}
+
+
+CAUSAL = {"lm": lm_4causal, "gen": gen_4causal, "mc": mc_byppl_4causal}
+
 # Model.architecture (module_names.architecture_of) -> {interface name: function(model, batch, interface_info)}
-BY_ARCHITECTURE = {T5: ENCODER_DECODER}
+BY_ARCHITECTURE = {T5: ENCODER_DECODER, LLAMA: CAUSAL, GPT2: CAUSAL}
 
 
 def for_architecture(architecture: str) -> dict:

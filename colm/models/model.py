@@ -14,6 +14,7 @@ from torch import nn
 
 from colm.datasets.dataset import special_ids
 from colm.models import architecture, interfaces, module_names
+from colm.models.hf_loading import conv1d_as_linear
 from colm.moma.addons import get_addon, insert_addon
 
 PRECISIONS = {None: None, "None": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,6 +38,8 @@ class Model(nn.Module):
         self.torch_model = torch_model
         self.tokenizer = tokenizer
         self.architecture = module_names.architecture_of(torch_model)
+        if architecture.facts(self.architecture).conv1d_linears:
+            conv1d_as_linear(torch_model)  # GPT-2: its Conv1D linears become nn.Linear before any addon is installed
         self.interfaces = interfaces.for_architecture(self.architecture)
         self.pad_id = tokenizer.pad_token_id
         self.bos_id, self.eos_id = special_ids(tokenizer)

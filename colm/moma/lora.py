@@ -39,8 +39,9 @@ class LoRALinear(nn.Module):
 
 @gin.configurable
 def modify_with_lora(model, lora_modules=gin.REQUIRED, lora_layers=gin.REQUIRED):
-    """Replaces every direct child matching `lora_layers` of every module matching `lora_modules`."""
-    layer_regex = re.compile(lora_layers)
+    """Replaces every direct child matching `lora_layers` of every module matching `lora_modules` (each a pattern
+    or a shortcut of the model's architecture, e.g. "lora_hosts" / "lora_children")."""
+    layer_regex = re.compile(model.to_regex(lora_layers))
     replaced = 0
     for name, module in model.match_modules(lora_modules).items():
         for child_name, child in list(module.named_children()):

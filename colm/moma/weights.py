@@ -1,5 +1,6 @@
 """The moma calls that save a model's weights to a checkpoint and load them into a model (save_weights,
-load_weights); the files themselves are read and written by colm/formats/checkpoint_io.py.
+load_weights); the files themselves are read and written by colm/formats/checkpoint_io.py, so
+`weight_path` may also be a `gs://<bucket>/<object>` path (read from / written to GCS).
 
 Loading refuses, with a message that names them: unexpected keys, shape mismatches, NaN / Inf values
 (naming the module), an empty checkpoint, and expert tensors the model expects but the file lacks when
@@ -14,6 +15,7 @@ import re
 import gin
 import torch
 
+from colm.formats import gcs
 from colm.formats import keys as K
 from colm.formats.checkpoint_io import numbered_files, read_checkpoint, write_checkpoint
 from colm.formats.layout import numbered_file
@@ -27,19 +29,23 @@ def _next_free_numbered(path: str) -> str:
 
 @gin.configurable
 def upload_to_gcs(local_path, bucket=None, prefix=""):
-    """Copies a file to gs://<bucket>/<prefix><local_path>. Returns True on success, False (reported) on failure."""
+    """Copies a file to gs://<bucket>/<prefix><local_path> (a leading "/" of local_path dropped).
+
+    Returns the gs:// path on success; on failure prints a warning naming the bucket, the object and what to do
+    (colm/formats/gcs.py) and returns None: the local file is kept and the run goes on."""
     if not bucket:
         raise ValueError("should_save_to_gcp=True needs a bucket: bind upload_to_gcs.bucket = \"<your-bucket>\".")
+    if bucket.startswith(gcs.SCHEME) or "/" in bucket:
+        raise ValueError(f"upload_to_gcs.bucket={bucket!r}: give the bucket name alone (e.g. \"my-bucket\"); put a "
+                         "folder in upload_to_gcs.prefix (e.g. \"runs/\").")
+    target = f"{gcs.SCHEME}{bucket}/{prefix}{local_path.lstrip('/')}"
     try:
-        from google.cloud import storage
-
-        blob = storage.Client().bucket(bucket).blob(prefix + local_path)
-        blob.upload_from_filename(local_path)
-        print(f"[colm] uploaded {local_path} to gs://{bucket}/{prefix}{local_path}")
-        return True
-    except Exception as error:
-        print(f"[colm] WARNING: upload of {local_path} to gs://{bucket} failed: {error}. The local file is kept.")
-        return False
+        gcs.upload_file(local_path, target)
+    except (gcs.GcsError, OSError, ValueError) as error:
+        print(f"[colm] WARNING: upload of {local_path} failed. {error} The local file is kept.")
+        return None
+    print(f"[colm] uploaded {local_path} to {target}")
+    return target
 
 
 @gin.configurable
@@ -61,7 +67,10 @@ def save_weights(model, weight_path=gin.REQUIRED, add_index=False, add_global_st
     write_checkpoint(state, path)
     print(f"[colm] saved {len(state)} tensors to {path}")
     if should_save_to_gcp:
-        upload_to_gcs(path)
+        if gcs.is_gcs_path(path):
+            print(f"[colm] save_weights: {path} is on GCS already; should_save_to_gcp uploads nothing more.")
+        else:
+            upload_to_gcs(path)
     return path
 
 
@@ -161,7 +170,7 @@ def load_weights(model, weight_path=gin.REQUIRED, scan_numbers=False, skip_if_no
     path = expand(weight_path, "load_weights.weight_path")
     if scan_numbers:
         path = _latest_numbered(path)
-    if not os.path.isfile(path) and skip_if_not_found:
+    if skip_if_not_found and not (gcs.exists(path) if gcs.is_gcs_path(path) else os.path.isfile(path)):
         print(f"[colm] load_weights: {path} not found, skipped (skip_if_not_found=True).")
         return
     state = read_checkpoint(path)

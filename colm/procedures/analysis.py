@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from colm.formats.experts_file import read_experts_file
-from colm.formats.layout import EXPERTS_FILE, dataset_file_name
+from colm.formats.layout import EXPERTS_FILE, TASK_BY_EXPERT_FILES, dataset_file_name
 from colm.models.architecture import ENCODER, T5, token_side
 from colm.moma.moe import Router
 from colm.utils.atomic import atomic_path
+from colm.utils.logging import log_images
 from colm.utils.paths import expand
 
 
@@ -79,7 +80,6 @@ ROUTING_STATS = {
     "mean_scores": "mean over the tokens of the pre-softmax router score vector (absent without scores)",
     "mean_score_variance": "mean over the tokens of the across-expert (biased) variance of the scores",
 }
-TASK_BY_EXPERT_FILES = {"encoder": "task_by_expert_encoder.png", "decoder": "task_by_expert_decoder.png"}
 SIDE_TITLES = {"encoder": "encoder side (encoder linears, cross-attention k/v)",
                "decoder": "decoder side (decoder self-attention, cross-attention q/o, decoder FFN)"}
 
@@ -331,13 +331,17 @@ class RoutingDistribution(AnalysisProcessor):
                          f"Routing distribution: {dataset_name}", names)
 
     def cross_dataset_process(self):
+        """Writes the task-by-expert summaries (TASK_BY_EXPERT_FILES) and logs them to wandb when wandb is on."""
+        written = {}
         for side, file in TASK_BY_EXPERT_FILES.items():
             tasks, matrix = task_by_expert(self.results, side)
             if not tasks:
                 continue
-            save_task_by_expert_heatmap(matrix, tasks, self.names_for(matrix.shape[1]),
-                                        os.path.join(os.path.dirname(self.path_for("x", "")), file),
+            path = os.path.join(os.path.dirname(self.path_for("x", "")), file)
+            save_task_by_expert_heatmap(matrix, tasks, self.names_for(matrix.shape[1]), path,
                                         f"Routing mass by dataset, {SIDE_TITLES[side]}, mean over modules")
+            written[f"routing/task_by_expert_{side}"] = path
+        log_images(written)
 
 
 def save_heatmap(means: dict, path: str, title: str, expert_names=None) -> None:

@@ -7,6 +7,12 @@ reading the skipped batches. Loading and collating run in a DataLoader (one item
 per planned batch, so workers, if any, build whole batches) with its own seeded
 generator, so iterating never draws from torch's global RNG: the Trainer's resume
 (colm/procedures/resume.py) restores that RNG and continues bit for bit.
+
+Under torchrun every rank plans the same epoch (same seed) and keeps its part of it (docs/distributed.md):
+- `split=(rank, world)` (training): every planned batch is cut into `world` contiguous pieces and the rank
+  keeps piece `rank`, so the world's pieces together are exactly the configured batch of one process;
+- `stride=(rank, world)` (evaluation): the rank keeps whole batches rank, rank + world, ..., so every batch
+  is the one a single process would run, padding included, and its outputs are the same.
 """
 
 import collections
@@ -105,10 +111,31 @@ class _Batcher:
     def epoch_length(self, datasets):
         return sum(_num_batches(len(d), d.batch_size, self.drop_last) for d in self._prepare(datasets))
 
-    def loader(self, datasets, epoch=0, start_batch=0):
-        """DataLoader over the batches of `epoch`, from batch `start_batch` on."""
+    def check_split(self, datasets, world):
+        """Refuses a batch size that `world` ranks cannot share equally, naming the binding to change."""
+        for d in self._prepare(datasets):
+            if d.batch_size % world:
+                raise ValueError(
+                    f"{d.name}: batch_size={d.batch_size} cannot be split over {world} processes (torchrun "
+                    f"--nproc_per_node x nodes). The batch size is the effective one of all processes together: "
+                    f"bind {d.name}/{type(d).__name__}.batch_size to a multiple of {world}, or change the number "
+                    "of processes.")
+
+    def loader(self, datasets, epoch=0, start_batch=0, split=None, stride=None):
+        """DataLoader over the batches of `epoch`, from batch `start_batch` on (of the whole plan); `split` or
+        `stride` = (rank, world) keeps this rank's part (module docstring)."""
         datasets = self._prepare(datasets)
         plan = self.plan_epoch(datasets, epoch)[start_batch:]
+        if split is not None and split[1] > 1:
+            rank, world = split
+            pieces = [(d, torch.tensor_split(indices, world)[rank]) for d, indices in plan]
+            if any(len(indices) == 0 for _, indices in pieces):
+                raise ValueError(f"{type(self).__name__}: a batch of epoch {epoch} has fewer examples than the "
+                                 f"{world} processes sharing it (the last, short batch of drop_last=False); set "
+                                 "drop_last=True for training under torchrun.")
+            plan = pieces
+        if stride is not None:
+            plan = plan[stride[0]::stride[1]]
         return torch.utils.data.DataLoader(
             _PlannedBatches(datasets, plan),
             batch_size=None,  # items are already batches
@@ -124,12 +151,13 @@ class _Batcher:
         """Batches of one pass (epoch 0), e.g. for evaluation."""
         return self.loader(datasets, epoch=0)
 
-    def iterate(self, datasets, epoch, start_batch=0):
+    def iterate(self, datasets, epoch, start_batch=0, split=None, stride=None):
         """Yields the batches of one epoch, starting at batch index start_batch."""
-        yield from self.loader(datasets, epoch, start_batch)
+        yield from self.loader(datasets, epoch, start_batch, split=split, stride=stride)
 
-    def endless(self, datasets, start_epoch=0, start_batch=0):
-        """Yields (epoch, batch index, batch) forever, from (start_epoch, start_batch)."""
+    def endless(self, datasets, start_epoch=0, start_batch=0, split=None):
+        """Yields (epoch, batch index, batch) forever, from (start_epoch, start_batch); the batch index counts
+        the planned batches, the same on every rank, so a resume position holds for any split."""
         datasets = self._prepare(datasets)
         if self.epoch_length(datasets) == 0:
             raise ValueError(
@@ -138,7 +166,7 @@ class _Batcher:
             )
         epoch = start_epoch
         while True:
-            for index, batch in enumerate(self.loader(datasets, epoch, start_batch), start=start_batch):
+            for index, batch in enumerate(self.loader(datasets, epoch, start_batch, split=split), start=start_batch):
                 yield epoch, index, batch
             epoch, start_batch = epoch + 1, 0
 

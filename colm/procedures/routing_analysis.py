@@ -42,7 +42,7 @@ import torch
 from colm.formats import keys as K
 from colm.formats.checkpoint_io import read_checkpoint
 from colm.formats.experts_file import read_experts_file
-from colm.formats.layout import BEST_CHECKPOINT, EXPERTS_FILE
+from colm.formats.layout import BEST_CHECKPOINT, EXPERTS_FILE, TASK_BY_EXPERT_FILES
 from colm.models.architecture import module_group, module_groups
 from colm.procedures.analysis import (
     ROUTING_FORMAT,
@@ -55,8 +55,7 @@ from colm.utils.atomic import atomic_path
 
 COLLAPSE_THRESHOLD = 0.8
 MAX_MATRIX_EXPERTS = 32  # gate-cosine matrices are written in full up to this many experts
-OUTPUT_FILES = {"json": "routing_diagnosis.json", "markdown": "routing_diagnosis.md",
-                "encoder": "task_by_expert_encoder.png", "decoder": "task_by_expert_decoder.png"}
+OUTPUT_FILES = {"json": "routing_diagnosis.json", "markdown": "routing_diagnosis.md", **TASK_BY_EXPERT_FILES}
 
 
 def dataset_stem(dataset: str) -> str:

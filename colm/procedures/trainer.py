@@ -12,20 +12,26 @@ Preemption-safe when `output_dir` is set (train.gin sets `exp_out/${EXP_NAME}`),
   untrained model;
 - at the end `run_status.json` says "complete"; re-running a complete experiment is refused unless
   `Trainer.overwrite = True`.
+
+Under torchrun (colm/utils/distributed.py, docs/distributed.md) every rank trains on its piece of each configured
+batch (the batcher's `split`), gradients are averaged by DDP (or FSDP, `Trainer.data_parallel="fsdp"`) only after the
+last micro-batch of a step, and only rank 0 claims the directory, saves and logs; every rank reads resume.pt.
 """
 
+import contextlib
 import math
 import numbers
 import os
 
 import gin
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from colm.formats.layout import BEST_CHECKPOINT
 from colm.procedures import resume
 from colm.procedures.optim import get_optimizer, get_scheduler
 from colm.procedures.procedure import Procedure
-from colm.utils import run_dir
+from colm.utils import distributed, run_dir
 from colm.utils.coerce import as_bool
 from colm.utils.logging import log_metrics
 from colm.utils.paths import expand
@@ -53,7 +59,7 @@ class Trainer(Procedure):
                  report_step_interval=50, validation_step_interval=None, save_model_step_interval=None,
                  step_moma_calls=(), report_moma_calls=(), save_model_moma_calls=(), finish_moma_calls=(),
                  pass_current_step=False, seed=42, output_dir=None, checkpoint_step_interval=100, overwrite=False,
-                 divergence_factor=1e4):
+                 divergence_factor=1e4, data_parallel="ddp", find_unused_parameters=True):
         super().__init__(name, seed)
         for param, value, minimum, allow_none in (
             ("num_steps", num_steps, 0, False), ("gradient_accumulation_factor", gradient_accumulation_factor, 1, False),
@@ -66,6 +72,12 @@ class Trainer(Procedure):
         _check_number(f"{name}/Trainer.gradient_clipping", gradient_clipping, 0, allow_none=True)
         _check_number(f"{name}/Trainer.divergence_factor", divergence_factor, 1, allow_none=True)
         overwrite = as_bool(overwrite, f"{name}/Trainer.overwrite")
+        if data_parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"{name}/Trainer.data_parallel={data_parallel!r}: choose \"ddp\" (a copy of the model "
+                             "per process) or \"fsdp\" (the model sharded over the processes); it matters only "
+                             "under torchrun.")
+        self.data_parallel = data_parallel
+        self.find_unused_parameters = as_bool(find_unused_parameters, f"{name}/Trainer.find_unused_parameters")
         self.model = model
         self.datasets = [datasets] if isinstance(datasets, str) else list(datasets)
         self.batcher = batcher
@@ -91,6 +103,7 @@ class Trainer(Procedure):
         self.scaler = None
         self._tracked = []
         self._reference_rms = None
+        self._parallel = None  # the DDP / FSDP wrapper of the model while training under torchrun
 
     # ----- building -----------------------------------------------------------------------------
     def link(self):
@@ -104,13 +117,36 @@ class Trainer(Procedure):
             dataset.set_tokenizer(self.model.tokenizer)
         self.batcher.set_tokenizer(self.model.tokenizer)
         self.batcher.set_seed(self.seed)
+        if distributed.is_distributed():
+            self.batcher.check_split(self.datasets, distributed.world_size())
+            if self.data_parallel == "fsdp" and self.output_dir and self.checkpoint_step_interval:
+                raise ValueError(
+                    f"{self.name}/Trainer.data_parallel=\"fsdp\" writes no resume checkpoint yet (its optimiser "
+                    f"state is sharded): bind {self.name}/Trainer.checkpoint_step_interval=None, or train with "
+                    "\"ddp\", which resumes.")
         self.optimizer = get_optimizer(self.model.named_trainable_parameters())
         self.scheduler = get_scheduler(self.optimizer, self.num_steps)
         if getattr(self.model, "compute_dtype", None) == torch.float16:
             # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
             self.scaler = torch.amp.GradScaler(self.model.device.type)
         if self.output_dir:
-            self._claim_output_dir()
+            self._claim_output_dir_on_main()
+
+    def _claim_output_dir_on_main(self):
+        """Rank 0 claims the directory (lock, status, overwrite) and tells the others whether to resume, or the
+        refusal that stops every rank."""
+        outcome = None
+        if distributed.is_main():
+            try:
+                self._claim_output_dir()
+            except run_dir.ExperimentDirError as error:
+                outcome = str(error)
+                if not distributed.is_distributed():
+                    raise
+        outcome, resume_from = distributed.broadcast_from_main((outcome, self.resume_from))
+        if outcome is not None:
+            raise run_dir.ExperimentDirError(outcome)
+        self.resume_from = resume_from
 
     def _claim_output_dir(self):
         directory, what = self.output_dir, f"{self.name} (Trainer.output_dir={self.output_dir})"
@@ -178,9 +214,17 @@ class Trainer(Procedure):
 
     def save_resume_checkpoint(self):
         path = os.path.join(self.output_dir, run_dir.RESUME_FILE)
-        resume.write_resume(path, self._resume_payload())
-        run_dir.write_status(self.output_dir, status=run_dir.RUNNING, step=self.state["step"], num_steps=self.num_steps,
-                             best_score=getattr(self.validate_procedure, "best_score", None))
+        # Each rank's RNG state: the ranks draw dropout masks for batch pieces of other shapes, so their
+        # generators differ; each gets its own back on resume.
+        rng_ranks = distributed.gather_to_main(resume.capture_rng_state())
+        if distributed.is_main():
+            payload = self._resume_payload()
+            if distributed.is_distributed():
+                payload["rng_ranks"] = rng_ranks
+            resume.write_resume(path, payload)
+            run_dir.write_status(self.output_dir, status=run_dir.RUNNING, step=self.state["step"],
+                                 num_steps=self.num_steps, best_score=getattr(self.validate_procedure, "best_score", None))
+        distributed.barrier()  # no rank runs ahead (and can be killed) before resume.pt is whole
         return path
 
     def _restore(self, path):
@@ -217,14 +261,103 @@ class Trainer(Procedure):
             validator.best_step = payload.get("best_step")
         self._tracked = list(payload.get("tracked") or [])
         self._reference_rms = payload.get("reference_rms")
-        resume.restore_rng_state(payload["rng"])
-        print(f"[colm] {self.name}: resumed at step {self.state['step']}/{self.num_steps} (epoch {self.state['epoch']}, "
-              f"batch {self.state['batch_in_epoch']}); best score so far {payload['best_score']}.")
+        rng_ranks = payload.get("rng_ranks") or [payload["rng"]]
+        if len(rng_ranks) != distributed.world_size() and distributed.is_main():
+            print(f"[colm] {self.name}: {path} was written by {len(rng_ranks)} process(es), this run has "
+                  f"{distributed.world_size()}: the data position and weights carry over, dropout masks will differ.")
+        resume.restore_rng_state(rng_ranks[distributed.rank()] if len(rng_ranks) == distributed.world_size()
+                                 else payload["rng"])
+        self._say(f"[colm] {self.name}: resumed at step {self.state['step']}/{self.num_steps} (epoch {self.state['epoch']}, "
+                  f"batch {self.state['batch_in_epoch']}); best score so far {payload['best_score']}.")
+
+    # ----- data parallelism -----------------------------------------------------------------------
+    @staticmethod
+    def _say(message):
+        if distributed.is_main():
+            print(message, flush=True)
+
+    def _wrap_for_data_parallel(self):
+        """The module each micro-batch runs through: the model itself in one process; under torchrun a DDP wrapper
+        (a model copy per process, gradients averaged in backward) or an FSDP one (parameters, gradients and
+        optimiser state sharded over the processes). Both wrap colm's Model as it is: its forward takes
+        (batch, interface_info, passing), and DDP/FSDP pass those through untouched."""
+        if not distributed.is_distributed():
+            return self.model
+        if self.data_parallel == "fsdp":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            dtypes = {p.dtype for p in self.model.parameters()}
+            if len(dtypes) > 1:
+                raise ValueError(f"{self.name}/Trainer.data_parallel=\"fsdp\" needs one dtype for all parameters; "
+                                 f"this model has {sorted(map(str, dtypes))} (Model.mix_precision keeps frozen weights "
+                                 "in low precision). Train with \"ddp\" or without mix_precision.")
+            # One FSDP unit at the root, so module names (and the checkpoint keys) stay as they are;
+            # use_orig_params lets frozen base weights and trainable experts share the unit and keeps the
+            # optimiser's parameter objects.
+            device = self.model.device
+            if device.type == "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
+            # sync_module_states (rank 0's weights to all) is GPU-only; on CPU the ranks built the same weights
+            # from the same seed already.
+            return FullyShardedDataParallel(self.model, use_orig_params=True, device_id=device,
+                                            sync_module_states=device.type == "cuda")
+        # Top-k routing may leave some trainable experts out of a micro-batch's graph: find_unused_parameters
+        # marks those ready so the gradient all-reduce does not wait for them forever. A plain LoRA expert uses
+        # every trainable parameter, and Trainer.find_unused_parameters=False saves a graph traversal per step.
+        return DistributedDataParallel(self.model, find_unused_parameters=self.find_unused_parameters)
+
+    def _full_params(self):
+        """Every parameter whole on every rank inside the block (FSDP keeps only shards between steps)."""
+        if self.data_parallel == "fsdp" and self._parallel is not None and self._parallel is not self.model:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel.summon_full_params(self._parallel, writeback=True)
+        return contextlib.nullcontext()
+
+    def _unwrap(self):
+        """Ends data parallelism: under FSDP every parameter becomes a whole tensor of its own again, so the
+        procedures after training (final validation, finish calls) run the plain model."""
+        parallel, self._parallel = self._parallel, None
+        if parallel is None or parallel is self.model or self.data_parallel != "fsdp":
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        torch_model = self.model.torch_model
+        # Every name of a shared parameter (T5 ties its embeddings) gets the same new whole parameter.
+        names = list(torch_model.named_parameters(remove_duplicate=False))
+        whole = {}
+        with FullyShardedDataParallel.summon_full_params(parallel, writeback=False):
+            for _, param in names:
+                if id(param) not in whole:
+                    whole[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+        for name, param in names:
+            owner, _, attr = name.rpartition(".")
+            torch_model.get_submodule(owner)._parameters[attr] = whole[id(param)]
+
+    def _no_sync(self, last):
+        """No gradient all-reduce for all but the last micro-batch of a step: gradients accumulate locally and
+        are averaged once, the same sum a single process accumulates."""
+        if last or self._parallel is None or self._parallel is self.model:
+            return contextlib.nullcontext()
+        return self._parallel.no_sync()
+
+    def _loss_weight(self, batch) -> float:
+        """Each rank's loss is a mean over its own piece of the batch (target tokens for lm, else examples), and
+        DDP averages the ranks' gradients; weighting a rank by its share of the batch's tokens makes that average
+        the mean over the whole batch, as one process computes it (1.0 in a single process)."""
+        if not distributed.is_distributed():
+            return 1.0
+        targets = batch.get("target_ids")
+        local = float((targets != self.model.pad_id).sum()) if isinstance(targets, torch.Tensor) else float(
+            len(batch["input_ids"]))
+        total = distributed.all_reduce_sum(local)
+        return local * distributed.world_size() / total if total else 1.0
 
     # ----- training -----------------------------------------------------------------------------
     def _batches(self):
+        split = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
         for epoch, index, batch in self.batcher.endless(
-            self.datasets, start_epoch=self.state["epoch"], start_batch=self.state["batch_in_epoch"]
+            self.datasets, start_epoch=self.state["epoch"], start_batch=self.state["batch_in_epoch"], split=split
         ):
             self.state["epoch"], self.state["batch_in_epoch"] = epoch, index + 1
             yield batch
@@ -244,6 +377,9 @@ class Trainer(Procedure):
     def _weights_rms(self, params) -> float:
         total = sum(float(p.detach().float().pow(2).sum()) for p in params)
         count = sum(p.numel() for p in params)
+        if self.data_parallel == "fsdp" and distributed.is_distributed():
+            # Each rank holds a shard: sum over ranks, so every rank decides the same.
+            total, count = distributed.all_reduce_sum(total), distributed.all_reduce_sum(count)
         return math.sqrt(total / max(count, 1))
 
     def _check_divergence(self, params):
@@ -271,21 +407,31 @@ class Trainer(Procedure):
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         passing = {"current_step": self.state["step"]} if self.pass_current_step else None
-        for _ in range(self.gradient_accumulation_factor):
+        parallel = self._parallel or model
+        for micro in range(self.gradient_accumulation_factor):
             batch = next(batches)
-            loss = model(batch, self._interface_info(batch), passing)["loss"]
+            weight = self._loss_weight(batch)
+            with self._no_sync(last=micro == self.gradient_accumulation_factor - 1):
+                loss = parallel(batch, self._interface_info(batch), passing)["loss"] * weight
+                scaled = loss / self.gradient_accumulation_factor
+                if torch.isfinite(loss):
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{self.name}: the loss is {loss.item()} at step {self.state['step']} "
                     f"(datasets {batch.get('dataset_name', ['?'])[:1]}). Lower the learning rate "
                     f"({self._learning_rate_hint()}) or check the data; saved checkpoints are untouched."
                 )
-            scaled = loss / self.gradient_accumulation_factor
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.item() / self.gradient_accumulation_factor
+        if distributed.is_distributed():
+            total = distributed.all_reduce_sum(total) / distributed.world_size()  # the whole batch's loss, for logs
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clipping if self.gradient_clipping else math.inf)
+        max_norm = self.gradient_clipping if self.gradient_clipping else math.inf
+        if self._parallel is not None and self.data_parallel == "fsdp" and distributed.is_distributed():
+            grad_norm = self._parallel.clip_grad_norm_(max_norm)  # the norm over every rank's gradient shard
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         for call in self.step_moma_calls:
             call(model)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -305,9 +451,11 @@ class Trainer(Procedure):
         if self.resume_from is not None:
             self._restore(self.resume_from)
         model.train()
+        self._parallel = self._wrap_for_data_parallel()
         batches = self._batches()
         # A bar on a terminal; in a log file a plain line per report interval instead of redraw frames.
-        bar = progress(total=self.num_steps, initial=self.state["step"], desc=self.name, dynamic_ncols=True)
+        bar = progress(total=self.num_steps, initial=self.state["step"], desc=self.name, dynamic_ncols=True,
+                       **({} if distributed.is_main() else {"disable": True}))
         while self.state["step"] < self.num_steps:
             stats = self.train_step(batches)
             self._tracked.append(stats)
@@ -315,26 +463,29 @@ class Trainer(Procedure):
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
             if self.report_step_interval and step % self.report_step_interval == 0:
-                for call in self.report_moma_calls:
-                    call(model)
+                with self._full_params():
+                    distributed.run_moma_calls(self.report_moma_calls, model)
                 tracked = self._tracked
                 summary = {k: sum(s[k] for s in tracked) / len(tracked) for k in tracked[0]}
-                log_metrics({self.name: summary}, step)
-                if bar.disable:
+                if distributed.is_main():
+                    log_metrics({self.name: summary}, step)
+                if bar.disable and distributed.is_main():
                     print(f"[colm] {self.name} step {step}/{self.num_steps}: loss {summary['loss']:.4f}, "
                           f"lr {summary['lr']:.2e}", flush=True)
                 self._tracked = []
             if self.validation_step_interval and step % self.validation_step_interval == 0 and self.validate_procedure:
                 bar.clear()
-                self.validate_procedure.run_in_scope(step=step)
+                with self._full_params():
+                    self.validate_procedure.run_in_scope(step=step)
                 model.train()
             if self.save_model_step_interval and step % self.save_model_step_interval == 0:
-                for call in self.save_model_moma_calls:
-                    call(model)
+                with self._full_params():
+                    distributed.run_moma_calls(self.save_model_moma_calls, model)
             if (self.output_dir and self.checkpoint_step_interval and step % self.checkpoint_step_interval == 0
                     and step < self.num_steps):
                 self.save_resume_checkpoint()
         bar.close()
+        self._unwrap()
         interval = self.validation_step_interval
         if self.validate_procedure and self.state["step"] > 0 and (not interval or self.state["step"] % interval):
             # Validate the final weights too, so best.pt always reflects the end of training (the original
@@ -343,10 +494,9 @@ class Trainer(Procedure):
             self.validate_procedure.run_in_scope(step=self.state["step"])
         self._warn_if_best_is_untrained()
         model.eval()
-        for call in self.finish_moma_calls:
-            call(model)
+        distributed.run_moma_calls(self.finish_moma_calls, model)
         self.done = True
-        if self.output_dir:
+        if self.output_dir and distributed.is_main():
             validator = self.validate_procedure
             run_dir.write_status(self.output_dir, status=run_dir.COMPLETE, step=self.state["step"],
                                  num_steps=self.num_steps, best_score=getattr(validator, "best_score", None),
@@ -358,7 +508,8 @@ class Trainer(Procedure):
 
     def _warn_if_best_is_untrained(self):
         validator = self.validate_procedure
-        if validator is None or self.num_steps == 0 or getattr(validator, "best_step", None) != 0:
+        if (validator is None or self.num_steps == 0 or getattr(validator, "best_step", None) != 0
+                or not distributed.is_main()):
             return
         print(f"[colm] WARNING: {self.name}: the untrained model (step 0, score {validator.best_score}) scored better "
               f"than every validated step of training, so best.pt holds the untrained weights; finish.pt holds the "

@@ -9,7 +9,8 @@ The backend is decided once, when the run starts, and said in one line among its
     wandb online;
   - else no remote logging, and the line says how to turn it on. A run never dies for want of a login.
 The wandb run's config is the run's gin config (every binding the run used); training summaries and
-every evaluation's scores are logged as metrics.
+every evaluation's scores are logged as metrics, and the figures written beside the results (results.png, the
+task-by-expert routing summaries) as wandb images.
 """
 
 import netrc
@@ -124,6 +125,20 @@ def log_metrics(metrics: dict, step: int) -> None:
     flat = _flatten(metrics)
     if _STATE["run"] is not None and flat:
         _STATE["run"].log(flat, step=step)
+
+
+def log_images(images: dict) -> None:
+    """Logs {name: path of a PNG} as wandb images (a no-op without a wandb run). Logged without a step: at the
+    run's current step, so a figure is never dropped for coming after a later-stepped metric."""
+    run = _STATE["run"]
+    if run is None or not images:
+        return
+    import wandb
+
+    try:
+        run.log({name: wandb.Image(path) for name, path in images.items()})
+    except Exception as error:  # an unreadable file, a wandb without Image: the run goes on without the figures
+        _say(f"figures {sorted(images)} not logged to wandb ({type(error).__name__}: {error})")
 
 
 def finish_logger() -> None:

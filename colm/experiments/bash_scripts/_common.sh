@@ -86,9 +86,14 @@ load_extra_gin_files() {
 # Runs colm.main and forwards SIGTERM / SIGINT / SIGHUP sent to the launcher, so that stopping the launcher (a
 # scheduler's preemption, kill <pid>) stops the run instead of leaving python writing on as an orphan. Python
 # turns the signal into a normal exit (colm/main.py); a re-run of the same command resumes the training.
+# COLM_TORCHRUN="--standalone --nproc_per_node=2" (any torchrun flags) runs it data-parallel under torchrun
+# (docs/distributed.md); torchrun passes the forwarded signals on to every rank.
 run_colm() {
-  echo "[launcher] EXP_NAME=$EXP_NAME $PYTHON_EXEC -m colm.main $*" >&2
-  "$PYTHON_EXEC" -m colm.main "$@" &
+  local launcher=("$PYTHON_EXEC")
+  # shellcheck disable=SC2206  # the torchrun flags are meant to split into words
+  [ -n "${COLM_TORCHRUN:-}" ] && launcher=("$PYTHON_EXEC" -m torch.distributed.run $COLM_TORCHRUN)
+  echo "[launcher] EXP_NAME=$EXP_NAME ${launcher[*]} -m colm.main $*" >&2
+  "${launcher[@]}" -m colm.main "$@" &
   _colm_child=$!
   trap 'kill -TERM "$_colm_child" 2>/dev/null' TERM
   trap 'kill -INT "$_colm_child" 2>/dev/null' INT

@@ -18,7 +18,7 @@ EXP_NAME="$exp_name" run_colm \
   --gin_files $(dataset_registries) "$model_dir/t5.gin" "$model_dir/moe_lora_rank16.gin" \
     colm/experiments/train_single_task.gin colm/experiments/wandb.gin "${extra_gin[@]}" \
   --gin_bindings "P/TRAIN/Trainer.datasets=\"D/$dataset/TRAIN\"" "P/EVALUATE/Evaluator.datasets=\"D/$dataset/EVAL\"" \
-    'M/MODEL/Model.trainable_params=".*gate.*"' 'P/TRAIN/Trainer.num_steps=100' \
+    'M/MODEL/Model.trainable_params="gate"' 'P/TRAIN/Trainer.num_steps=100' \
     'M/MODEL/FFNExperts.learn_input_gate="only_sigmoid"' 'main.procedure_exec_order=["P/TRAIN"]' \
     'P/EVALUATE/Evaluator.better_model_moma_calls=[]' \
     'P/TRAIN/Trainer.finish_moma_calls=[@MOMA/DONE/save_weights, @MOMA/BEST/save_weights]' \

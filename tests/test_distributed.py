@@ -1,0 +1,135 @@
+"""Data parallelism under torchrun on CPU (gloo): the weights of 2 ranks x B/2 equal one process with batch B, the
+sharded evaluation writes the single process's results.txt, a killed torchrun run resumes, FSDP trains alike
+(issue 16; docs/distributed.md). One test, so the four runs share the single-process reference (about 3 minutes
+on two shared cores).
+
+Why a tolerance and not bit-for-bit: one process sums the gradient of the whole batch inside one backward, where
+two ranks each sum their half and gloo adds the two halves; float32 addition is not associative, so the last bits
+of the gradient differ (about 1e-7 relative) and SGD carries that difference into the weights. The tolerance
+below is far under the weights' change in training, so a wrong batch split or a wrong average would fail it.
+"""
+
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+import torch
+from conftest import REPO_ROOT, subprocess_env
+
+from colm import registry
+from colm.formats.checkpoint_io import read_checkpoint
+from colm.ginparse import parse_gin
+from colm.main import main as _main  # noqa: F401  (registers the main configurable the gin files bind)
+from colm.procedures import resume
+from colm.utils import distributed, run_dir
+
+GINS = ["colm/datasets/toy.gin", "colm/models/tiny/t5.gin", "colm/models/moe_lora_rank16.gin",
+        "colm/experiments/train_single_task_loralinear.gin"]
+# 16 examples in configured batches of 4 (2 per rank under 2 processes), 2 micro-batches a step: 4 steps cross an
+# epoch boundary. 10 evaluation examples in batches of 4: 3 batches, 2 on rank 0 and 1 on rank 1.
+# SGD: Adam divides each gradient by its own running magnitude, which turns the rounding noise of the LoRA A
+# matrices' near-zero first gradients (B starts at zero) into steps of the learning rate's size.
+BINDINGS = ['P/TRAIN/Trainer.datasets="D/TOYSENTIMENT/TRAIN"', 'P/EVALUATE/Evaluator.datasets="D/TOYSENTIMENT/EVAL"',
+            "D/ToyDataset.batch_size=4", "D/TOYSENTIMENT/TRAIN/ToyDataset.num_examples=16",
+            "D/TOYSENTIMENT/EVAL/ToyDataset.num_examples=10", "P/TRAIN/Trainer.gradient_accumulation_factor=2",
+            "P/TRAIN/Trainer.num_steps=4", "P/TRAIN/Trainer.checkpoint_step_interval=2",
+            'P/TRAIN/get_optimizer.optimizer_class="sgd"', "P/TRAIN/get_optimizer.learning_rate=0.5",
+            "main.logging_backend=None"]
+TOLERANCE = 1e-5  # max |w_torchrun - w_single|; the weights move by about 1e-2 in these 4 steps
+
+
+def run(cwd, exp_name, nproc=1, extra=(), script=None, **env_extra):
+    env = subprocess_env(cwd)
+    env.update(EXP_NAME=exp_name, OMP_NUM_THREADS="1", **{k: str(v) for k, v in env_extra.items()})
+    target = [script] if script else ["-m", "colm.main"]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launcher, *target, "--gin_files", *GINS, "--gin_bindings", *BINDINGS, *extra],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def max_difference(path_a, path_b):
+    a, b = read_checkpoint(str(path_a)), read_checkpoint(str(path_b))
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process_resume_and_fsdp(in_tmp_repo):
+    out = in_tmp_repo / "exp_out"
+    single = run(in_tmp_repo, "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run(in_tmp_repo, "ddp", nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 processes, backend gloo" in ddp.stdout
+    assert ddp.stdout.count("saved 144 tensors to exp_out/ddp/finish.pt") == 1  # rank 0 alone writes
+
+    # Same effective batch: the weights agree to float32 reduction order (module docstring).
+    trained = read_checkpoint(str(out / "single/finish.pt"))
+    # LoRA's B matrices start at zero: their size now is how far training moved them.
+    moved = max(float(v.abs().max()) for k, v in trained.items() if k.endswith("lora_b"))
+    difference = max_difference(out / "single/finish.pt", out / "ddp/finish.pt")
+    print(f"DDP: max |w_torchrun - w_single| = {difference:.3g}; training moved B by up to {moved:.3g}")
+    assert difference < TOLERANCE < moved / 100
+    # The sharded evaluation scores as one process does, into the same results.txt.
+    assert (out / "ddp/results.txt").read_text() == (out / "single/results.txt").read_text()
+    assert run_dir.read_status(str(out / "ddp"))["status"] == "complete"
+
+    # Killed by SIGKILL before step 3 (resume.pt holds step 2), then the same torchrun command resumes on both
+    # ranks and ends bit for bit where the uninterrupted torchrun run ended (same ranks, same reduction order).
+    killed = run(in_tmp_repo, "killed", nproc=2, script=os.path.join(REPO_ROOT, "tests/kill_runner.py"),
+                 COLM_TEST_KILL_AT_STEP=3)
+    assert killed.returncode != 0
+    payload = resume.read_resume(str(out / "killed/resume.pt"))
+    assert payload["step"] == 2 and len(payload["rng_ranks"]) == 2
+    resumed = run(in_tmp_repo, "killed", nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 2/4" in resumed.stdout
+    assert run_dir.read_status(str(out / "killed"))["status"] == "complete"
+    a, b = read_checkpoint(str(out / "ddp/finish.pt")), read_checkpoint(str(out / "killed/finish.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # FSDP (Trainer.data_parallel="fsdp") builds and trains on CPU with gloo, to the same weights.
+    fsdp = run(in_tmp_repo, "fsdp", nproc=2, extra=['P/TRAIN/Trainer.data_parallel="fsdp"',
+                                                     "P/TRAIN/Trainer.checkpoint_step_interval=None"])
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    difference = max_difference(out / "single/finish.pt", out / "fsdp/finish.pt")
+    print(f"FSDP: max |w_torchrun - w_single| = {difference:.3g}")
+    assert difference < TOLERANCE
+
+
+def build_trainer(bindings):
+    gin.clear_config()
+    registry.reset()
+    parse_gin(GINS, BINDINGS + ["P/TRAIN/Trainer.output_dir=None", "M/MODEL/Model.device='cpu'", *bindings])
+    return registry.get_object("P/TRAIN")
+
+
+def test_refusals_name_the_binding(monkeypatch, in_tmp_repo):
+    monkeypatch.setenv("EXP_NAME", "refused")
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match=r"bind D/TOYSENTIMENT/TRAIN/ToyDataset.batch_size to a multiple of 3"):
+        build_trainer([])
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"bind P/TRAIN/Trainer.checkpoint_step_interval=None"):
+        build_trainer(['P/TRAIN/Trainer.data_parallel="fsdp"', 'P/TRAIN/Trainer.output_dir="exp_out/refused"'])
+    with pytest.raises(ValueError, match="data_parallel='zero'"):
+        from colm.procedures.trainer import Trainer
+
+        Trainer("P/TRAIN", model="M/MODEL", datasets="D/X", batcher=None, data_parallel="zero")
+
+
+def test_batcher_split_and_stride_partition_the_plan():
+    from test_batchers import NumberDataset, numbers, single
+
+    batcher, data = single(shuffle=True, drop_last=True), NumberDataset("n", 12, 4)
+    whole = [numbers(b) for b in batcher.iterate([data], epoch=1)]
+    halves = [[numbers(b) for b in batcher.iterate([data], epoch=1, split=(r, 2))] for r in range(2)]
+    assert [h0 + h1 for h0, h1 in zip(*halves)] == whole
+    strided = [[numbers(b) for b in batcher.iterate([data], epoch=1, stride=(r, 2))] for r in range(2)]
+    assert strided == [whole[0::2], whole[1::2]]
+    with pytest.raises(ValueError, match="to a multiple of 3"):
+        batcher.check_split([data], 3)
