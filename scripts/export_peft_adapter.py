@@ -1,7 +1,7 @@
 """Export colm experts as HF PEFT LoRA adapters (colm/formats/peft_adapters.py).
 
     # one expert (the only one of a single-expert checkpoint, or --index i of a concatenated one)
-    python scripts/export_peft_adapter.py --path datasets_concatenated/MyTask_t5xl_lora --out_dir peft/MyTask
+    python scripts/export_peft_adapter.py --path datasets_concatenated/MyTask_t5xl_lora --out_dir exp_out/peft/MyTask
     # a PHATGOOSE-routed set: one adapter per expert, router.safetensors and routing.json
     python scripts/export_peft_adapter.py --path FullCompleteA2inpgatetrainnogumbel_t5xl_lora_concatenated \
         --out_dir peft/phatgoose --routed_set

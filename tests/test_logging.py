@@ -7,6 +7,7 @@ import io
 import os
 import sys
 import types
+from importlib.machinery import ModuleSpec
 
 import gin
 import pytest
@@ -82,7 +83,8 @@ def fake_wandb(monkeypatch):
         runs.append(run)
         return run
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    # a module spec, so that libraries probing for wandb (accelerate's find_spec) take it for a package
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, __spec__=ModuleSpec("wandb", None)))
     for name in ("WANDB_MODE", "WANDB_API_KEY", "NETRC", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
     yield runs
@@ -142,7 +144,7 @@ def test_a_wandb_that_cannot_start_does_not_stop_the_run(monkeypatch, capsys):
     def refuse(**kwargs):
         raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore")
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse, __spec__=ModuleSpec("wandb", None)))
     monkeypatch.setenv("WANDB_MODE", "online")
     run_logging.setup_logger("wandb", "x")
     assert run_logging._STATE["run"] is None
