@@ -1,25 +1,31 @@
 """Cost of a PHATGOOSE-routed linear layer relative to the frozen base linear, CPU fp32.
 
-Run: .venv/bin/python benchmarks/routing.py [--repeats 41]
+Run: .venv/bin/python benchmarks/routing.py [--repeats 41] [--threads 2] [--profile]
 
 For N experts (d_in = d_out = 768, T = 2048 tokens, rank 16, top-2, normalised), times one forward of
   base           x @ W
   addons         the same layer as a routed model runs it: nn.Linear + ExposeHidden, Router, FFNExperts addons
                  (forward hooks; the router product is its own GEMM)
+  addons-serial  (only with more than one thread) the same with routing.SERIAL_SMALL_OPS = True: every routed
+                 operation but the router product on one thread (for cores shared with other work)
   ours           colm.moma.routing: one GEMM for x W^T and the router scores (fused weight built once, outside
                  the timed region, like the prepared router vectors), router_probs, topk_weights, routed_lora
                  accumulated into the base output
   original-style per-expert tensors stacked every forward, LayerNorm on both sides, softmax, top-k, a dense
                  (T x N) gate matrix, then a loop over ALL N experts on the tokens selected by a boolean mask
   dense          every expert on every token (einsum), weighted by the same gate
-All variants run interleaved, repeat after repeat, and each ratio is a median over repeats of the
-same-repeat base time. floor = FLOPs of (base + router product + chosen LoRA products) / FLOPs of base.
+All variants run interleaved, repeat after repeat (base first, the others in a shuffled order), and each ratio
+is a median over repeats of the same-repeat base time. floor = FLOPs of (base + router product + chosen LoRA
+products) / FLOPs of base.
+--threads: intra-op threads (default: every core). --profile: afterwards, where the addons layer spends its time
+at the largest N (torch.profiler, operators by self CPU time).
 """
 
 import argparse
 import functools
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -97,6 +103,18 @@ def make_addons(layer):
     return lambda: linear(x)
 
 
+def serial(fn):
+    """fn with the routed operations but the router product on one thread (routing.SERIAL_SMALL_OPS = True)."""
+    def forward():
+        saved, routing.SERIAL_SMALL_OPS = routing.SERIAL_SMALL_OPS, True
+        try:
+            return fn()
+        finally:
+            routing.SERIAL_SMALL_OPS = saved
+
+    return forward
+
+
 def original_style_forward(layer):
     """Written from the description of the original implementation (not optimised on purpose)."""
     x, n_experts = layer["x"], len(layer["gates"])
@@ -138,44 +156,70 @@ def flop_floor(n_experts):
     return (base + 2 * T * n_experts * D_IN + 2 * T * k * RANK * (D_IN + D_OUT)) / base
 
 
+def profile(fn, n_experts, steps=10):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    print(f"\naddons layer at N={n_experts}, {steps} forwards, operators by self CPU time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={T}, d_in=d_out={D_IN}, r={RANK}, "
           f"k={TOP_K}, fp32, {args.repeats} interleaved repeats, medians\n")
     generator = torch.Generator().manual_seed(0)
-    rows, ours_ratio = [], {}
+    order = random.Random(0)
+    rows, ours_ratio, addons_ratio = [], {}, {}
     with torch.inference_mode():
         for n_experts in EXPERT_COUNTS:
             layer = make_layer(n_experts, generator)
             variants = {"base": functools.partial(base_forward, layer), "ours": make_ours(layer),
-                        "addons": make_addons(layer),
-                        "original-style": functools.partial(original_style_forward, layer),
-                        "dense": make_dense(layer)}
+                        "addons": make_addons(layer)}
+            if torch.get_num_threads() > 1:
+                variants["addons-serial"] = serial(variants["addons"])
+            variants["original-style"] = functools.partial(original_style_forward, layer)
+            variants["dense"] = make_dense(layer)
             expected = variants["dense"]()
-            for name in ("ours", "addons", "original-style"):  # sanity: all variants compute the same layer
-                error = (variants[name]() - expected).abs().max().item()
-                assert error < 1e-3, f"{name} differs from dense by {error} at N={n_experts}"
+            for name in variants:  # sanity: all variants compute the same layer
+                if name not in ("base", "dense"):
+                    error = (variants[name]() - expected).abs().max().item()
+                    assert error < 1e-3, f"{name} differs from dense by {error} at N={n_experts}"
             for fn in variants.values():  # warm-up
                 fn()
             times = {name: [] for name in variants}
-            for _ in range(args.repeats):
-                for name, fn in variants.items():
+            others = [name for name in variants if name != "base"]
+            for _ in range(args.repeats):  # base first, the others in a fresh order each repeat (no order bias)
+                order.shuffle(others)
+                for name in ["base", *others]:
                     start = time.perf_counter()
-                    fn()
+                    variants[name]()
                     times[name].append(time.perf_counter() - start)
             ratio = {name: statistics.median(t / b for t, b in zip(times[name], times["base"])) for name in variants}
-            ours_ratio[n_experts] = ratio["ours"]
-            rows.append(f"| {n_experts} | {ratio['ours']:.2f} | {ratio['addons']:.2f} | {ratio['original-style']:.2f} "
-                        f"| {ratio['dense']:.2f} "
+            ours_ratio[n_experts], addons_ratio[n_experts] = ratio["ours"], ratio["addons"]
+            mt = f"{ratio['addons-serial']:.2f}" if "addons-serial" in ratio else "-"
+            rows.append(f"| {n_experts} | {ratio['ours']:.2f} | {ratio['addons']:.2f} | {mt} "
+                        f"| {ratio['original-style']:.2f} | {ratio['dense']:.2f} "
                         f"| {flop_floor(n_experts):.2f} | {statistics.median(times['base']) * 1e3:.1f} |")
-    print("| N | ours/base | addons/base | original-style/base | dense/base | floor | base ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N | ours/base | addons/base | addons-serial/base | original-style/base | dense/base | floor | base ms |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nours(N={EXPERT_COUNTS[-1]}) / ours(N={EXPERT_COUNTS[0]}) = "
-          f"{ours_ratio[EXPERT_COUNTS[-1]] / ours_ratio[EXPERT_COUNTS[0]]:.2f} (ratio of the ours/base ratios)")
+    first, last = EXPERT_COUNTS[0], EXPERT_COUNTS[-1]
+    print(f"\nN={last} over N={first} (ratio of the x/base ratios): ours {ours_ratio[last] / ours_ratio[first]:.2f}, "
+          f"addons {addons_ratio[last] / addons_ratio[first]:.2f}")
+    if args.profile:
+        with torch.inference_mode():
+            fn = make_addons(make_layer(last, generator))
+            fn()
+            profile(fn, last)
 
 
 if __name__ == "__main__":

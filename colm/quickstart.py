@@ -4,17 +4,17 @@
     python -m colm.quickstart --fast     # a reduced run (fewer steps and examples), used by the tests
 
 Every stage is a command of the framework's own launchers and scripts (the same ones the README shows
-for T5-XL), run on the tiny T5 with MODEL_TYPE=tiny. Each finished stage leaves a marker in
-exp_out/quickstart/.stages/, so a re-run skips it; each stage's output goes to exp_out/quickstart/logs/.
-At the end exp_out/quickstart/results.md holds the method table (held-in average, held-out average, every
-task) and the held-in routing accuracy, and links results.png (the table as bars) and routing.png (each routed
-method's task-by-expert mass) beside it; routing heatmaps are under exp_out/quickstart/<method>/.
+for T5-XL), run on the tiny T5 with MODEL_TYPE=tiny, each as its own process started from one preloaded
+Python (colm/utils/preloaded.py), so that it does not import torch and transformers again. Each finished
+stage leaves a marker in exp_out/quickstart/.stages/, so a re-run skips it; each stage's output goes to
+exp_out/quickstart/logs/. At the end exp_out/quickstart/results.md holds the method table (held-in average,
+held-out average, every task) and the held-in routing figures, and links results.png (the table as bars) and
+routing.png (each routed method's task-by-expert mass) beside it; routing heatmaps are under
+exp_out/quickstart/<method>/.
 
-Design of the toy world (why it tests routing): every task is "<instruction> <random letters>", so the
-instruction is the only cue to the skill. Eight held-in skills get one expert each. The held-out tasks
-reuse held-in skills where no expert saw them: longer inputs (the right expert must be picked for inputs
-outside its training distribution), unseen phrasings of the instruction (routing must generalise from the
-words it learned), and a composition of two skills (two experts would have to be combined).
+The toy world (colm/datasets/toy.py): eight held-in tasks that differ in domain, instruction and output
+format (four rank-classification, four generation), one expert each, and five held-out tasks that recombine
+seen domains, skills and phrasings (one, counting, is a skill no expert has).
 """
 
 import argparse
@@ -217,8 +217,7 @@ class Pipeline:
         total, finished = sum(len(chain) for wave in waves for chain in wave), []
         runner = StageRunner(self.out)
         # On a terminal a bar with the stage count and ETA; in a log, one plain line per finished stage.
-        with progress(total=total, desc="quickstart", unit="stage",
-                      dynamic_ncols=True) as bar:
+        with runner.preloaded(), progress(total=total, desc="quickstart", unit="stage", dynamic_ncols=True) as bar:
 
             def on_result(result):
                 finished.append(result)

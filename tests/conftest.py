@@ -67,14 +67,45 @@ def write_random_moe_checkpoint(path, n_experts=2):
     registry.reset()
 
 
+_PRELOADED = {}  # this test process's preloaded Python (colm/utils/preloaded.py), started on first use
+
+
+@pytest.fixture(autouse=True)
+def _preload_for_slow_tests(request):
+    """Tests marked slow (whole launcher runs) start their commands from the preloaded Python; the inner loop's
+    tests run few and short commands, for which starting one would cost more than it saves."""
+    _PRELOADED["wanted"] = request.node.get_closest_marker("slow") is not None
+    yield
+
+
+def _preloaded_python(env):
+    """The socket of a preloaded Python started with `env`: launchers and scripts run by the tests start from it
+    instead of importing torch and transformers again (the same results; tests/test_preloaded.py). The README
+    replays run plain processes, as a user's shell does; COLM_TEST_PLAIN_PROCESSES=1 makes every test do so.
+    Only tests marked slow use it (`_preload_for_slow_tests`)."""
+    if "server" not in _PRELOADED:
+        import atexit
+
+        from colm.utils import preloaded
+
+        server = preloaded.Server(env=env)
+        atexit.register(server.close)
+        _PRELOADED["server"], _PRELOADED["path"] = server, server.wait_ready()
+    return _PRELOADED["path"]
+
+
 def subprocess_env(cwd):
-    """Environment for running launchers and scripts as a user would, from `cwd`, with this interpreter."""
+    """Environment for running launchers and scripts as a user would, from `cwd`, with this interpreter. The
+    repository is on PYTHONPATH (the temporary repos link to its files), the same for every test, so that one
+    preloaded Python serves them all."""
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("COLM_ROOT", "EXP_NAME", "DATASET")}
+    env = {k: v for k, v in os.environ.items() if k not in ("COLM_ROOT", "EXP_NAME", "DATASET", "COLM_PRELOADED")}
     env.update(MODEL_TYPE="tiny", PYTHON_EXEC=sys.executable, COLM_NO_VENV="1",
                PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}",
-               PYTHONPATH=f"{cwd}:{env.get('PYTHONPATH', '')}")
+               PYTHONPATH=f"{REPO_ROOT}:{env.get('PYTHONPATH', '')}")
+    if _PRELOADED.get("wanted") and os.environ.get("COLM_TEST_PLAIN_PROCESSES") != "1":
+        env["COLM_PRELOADED"] = _preloaded_python(env)
     return env
 
 

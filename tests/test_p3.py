@@ -217,6 +217,7 @@ def _check_plain_items(scope, dataset):
             assert item["answer_choices"] == [] and item["label"] == -1
 
 
+@pytest.mark.slow
 def test_every_registry_scope_builds_and_renders(p3_registry, tokenizer):
     assert p3_registry and all(s.startswith("D/") for s in p3_registry)
     plain = (p3.P3TrecDataset, p3.LudwigDataset, p3.CBKGenDataset)

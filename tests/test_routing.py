@@ -30,10 +30,19 @@ def as_leaves(tensors, grad_mode):
     return [t.clone().requires_grad_() if grad_mode else t for t in tensors]
 
 
-@pytest.fixture(params=["chunked", "dense"])
+@pytest.fixture(params=["grouped", "grouped-loop", "padded", "dense"])
 def lora_path(request, monkeypatch):
-    """Forces routed_lora's implementation: chunked (only the chosen pairs) or dense (every expert)."""
-    monkeypatch.setattr(routing, "DENSE_MAX_EXPERTS_PER_K", 0 if request.param == "chunked" else 10**6)
+    """Forces routed_lora's implementation: grouped (only the chosen pairs, unpadded: one matrix product per expert;
+    "grouped-loop" with the per-expert loop that stands in for F.grouped_mm where it does not take the operands),
+    padded (only the chosen pairs, in place padded to a common capacity, as with more than one thread; the autograd
+    path stays unpadded) or dense (every expert)."""
+    monkeypatch.setattr(routing, "DENSE_MAX_EXPERTS_PER_K", 10**6 if request.param == "dense" else 0)
+    if request.param == "grouped-loop":
+        monkeypatch.setattr(routing, "GROUPED_MM_DTYPES", ())
+    if request.param.startswith("grouped"):  # on one thread, never the padded layout
+        monkeypatch.setattr(routing, "ONE_THREAD_PADDING_ROWS", -10**9)
+    threads = 2 if request.param == "padded" else 1
+    monkeypatch.setattr(routing.torch, "get_num_threads", lambda: threads)
     return request.param
 
 
@@ -243,50 +252,105 @@ def test_bad_arguments():
         routing.routed_lora(x, layer1[:, :-1], layer2, torch.zeros(3, 5, 1, dtype=torch.long), torch.ones(3, 5, 1), 1.0)
 
 
-def test_plan_chunks_tiles_padded_slots():
-    gen = torch.Generator().manual_seed(0)
-    for trial in range(50):
-        n_experts = int(torch.randint(1, 60, (1,), generator=gen))
-        counts = torch.randint(0, 40, (n_experts,), generator=gen)
-        counts[torch.rand(n_experts, generator=gen) < 0.3] = 0  # empty experts
-        if trial % 5 == 0:
-            counts[0] = 900  # one expert above CHUNK_MAX_ROWS
-        if trial % 7 == 0:
-            counts[:] = 30  # balanced: only CHUNK_MAX_ROWS closes chunks
-        counts = counts.tolist()
-        chunks, slot_starts = routing._plan_chunks(counts)
-        slot, covered = 0, set()
-        for first, n, capacity, start in chunks:
-            assert start == slot  # chunks tile [0, n_slots) in order
-            assert n == 1 or n * capacity <= routing.CHUNK_MAX_ROWS
-            real = sum(counts[first:first + n])
-            assert real > 0 and n * capacity <= max(routing.CHUNK_MAX_PADDING * real + routing.CHUNK_PADDING_SLACK,
-                                                    capacity)
-            for j in range(n):
-                assert counts[first + j] <= capacity and slot_starts[first + j] == start + j * capacity
-                covered.add(first + j)
-            slot += n * capacity
-        assert {e for e, c in enumerate(counts) if c > 0} <= covered
-
-
 @pytest.mark.parametrize("grad_mode", [True, False])
-def test_many_chunks_with_skewed_routing(grad_mode):
-    # Enough tokens and experts for several chunks, single-expert chunks and dropped empty experts.
+@pytest.mark.parametrize("path", ["grouped", "grouped-loop"])
+def test_many_experts_with_skewed_routing(grad_mode, path, monkeypatch):
+    # One expert chosen by nearly every token, others rarely or never: groups of very different sizes, empty ones.
+    if path == "grouped-loop":
+        monkeypatch.setattr(routing, "GROUPED_MM_DTYPES", ())
     n_experts, n_tokens = 40, 700
     x, _, layer1, layer2 = make_inputs(n_experts, lead=(n_tokens,), seed=5)
     gen = torch.Generator().manual_seed(6)
     popularity = torch.linspace(4.0, -4.0, n_experts)  # the first experts popular, the last ones rarely chosen
-    popularity[0] = 10.0  # chosen by nearly every token: more than CHUNK_MAX_ROWS pairs
+    popularity[0] = 10.0  # chosen by nearly every token
     probs = torch.softmax(torch.randn(n_tokens, n_experts, generator=gen) * 2 + popularity, dim=-1)
     indices, weights = routing.topk_weights(probs, 2, True)
     counts = torch.bincount(indices.reshape(-1), minlength=n_experts).tolist()
-    chunks, _ = routing._plan_chunks(counts)
-    assert counts[0] > routing.CHUNK_MAX_ROWS and 0 in counts and len(chunks) > 3
+    assert counts[0] > n_tokens * 0.9 and 0 in counts
     gate = torch.zeros(n_tokens, n_experts).scatter(1, indices, weights)
     expected = torch.einsum("tn,td,ndr,nro->to", gate, x, layer1, layer2) * 0.5
     x, layer1, layer2, weights = as_leaves((x, layer1, layer2, weights), grad_mode)
     got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.5)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    if grad_mode:
+        got.square().sum().backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, layer1, layer2, weights))
+
+
+@pytest.mark.parametrize("routing_kind", ["uniform", "skewed", "few_tokens", "repeats"])
+@pytest.mark.parametrize("layout", ["padded", "padded-overflow", "unpadded"])
+def test_in_place_layouts_match_explicit_sum(routing_kind, layout, monkeypatch):
+    """Both in-place layouts against the sum over pairs: padding slots add nothing, and with a capacity below the
+    largest count ("padded-overflow", forced here) the busier experts' other rows go unpadded exactly once."""
+    monkeypatch.setattr(routing, "DENSE_MAX_EXPERTS_PER_K", 0)
+    monkeypatch.setattr(routing.torch, "get_num_threads", lambda: 1 if layout == "unpadded" else 2)
+    if layout == "unpadded":
+        monkeypatch.setattr(routing, "ONE_THREAD_PADDING_ROWS", -10**9)
+    if layout == "padded-overflow":
+        monkeypatch.setattr(routing, "PADDED_ROWS_PER_PAIR", 0.5)
+        monkeypatch.setattr(routing, "MIN_PADDED_CAPACITY", 1)
+    n_experts, n_tokens = 12, 90
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(n_tokens, D_IN, generator=gen)
+    layer1 = torch.randn(n_experts, D_IN, RANK, generator=gen)
+    layer2 = torch.randn(n_experts, RANK, D_OUT, generator=gen)
+    if routing_kind == "uniform":
+        indices = torch.stack([torch.randperm(n_experts, generator=gen)[:2] for _ in range(n_tokens)])
+    elif routing_kind == "skewed":  # expert 0 in every token, a few others, most never
+        indices = torch.stack([torch.zeros(n_tokens, dtype=torch.long),
+                               torch.randint(1, 4, (n_tokens,), generator=gen)], 1)
+    elif routing_kind == "few_tokens":
+        x, indices = x[:3], torch.tensor([[5, 7], [7, 11], [0, 5]])
+        n_tokens = 3
+    else:  # the same expert twice in a token: both pairs count
+        indices = torch.randint(0, n_experts, (n_tokens, 2), generator=gen)
+        indices[::3, 1] = indices[::3, 0]
+    weights = torch.rand(n_tokens, 2, generator=gen)
+    start = torch.randn(n_tokens, D_OUT, generator=gen)
+    expected = start.clone()
+    for t in range(n_tokens):
+        for j in range(2):
+            e = indices[t, j]
+            expected[t] += weights[t, j] * (x[t] @ layer1[e] @ layer2[e]) * 0.5
+    with torch.no_grad():
+        got = routing.routed_lora(x, layer1, layer2, indices, weights, 0.5, out=start.clone())
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_grouped_mm_takes_aligned_operands_and_loops_otherwise():
+    """F.grouped_mm where its stride rules hold, the per-expert loop elsewhere: the same products."""
+    gen = torch.Generator().manual_seed(3)
+    ends = torch.tensor([3, 3, 9, 10], dtype=torch.int32)  # an empty group, and uneven ones
+    for d, r, dtype in ((24, 8, torch.float32), (7, 3, torch.float32), (24, 8, torch.bfloat16), (24, 4, torch.bfloat16),
+                        (24, 8, torch.float64)):
+        a = torch.randn(10, d, generator=gen).to(dtype)
+        b = torch.randn(4, d, r, generator=gen).to(dtype)
+        fits = routing._fits_grouped_mm(a) and routing._fits_grouped_mm(b)
+        assert fits == (dtype != torch.float64 and d * dtype.itemsize % 16 == 0 and r * dtype.itemsize % 16 == 0)
+        expected = torch.cat([a[:3] @ b[0], a[3:9] @ b[2], a[9:] @ b[3]])
+        torch.testing.assert_close(routing._grouped_mm(a, b, ends), expected, atol=1e-2, rtol=1e-2)
+    assert not routing._fits_grouped_mm(torch.randn(4, 24, 8).mT)  # last dim not contiguous
+
+
+def test_gather_buffer_is_reused_and_never_returned():
+    """The in-place path gathers into a per-thread buffer: repeated calls, in and out of inference mode, of
+    different sizes, give the same results as the autograd path and never hand the buffer out."""
+    x, _, layer1, layer2 = make_inputs(9, lead=(40,), d_in=32, d_out=16, rank=8)
+    results = []
+    for n_tokens, mode in ((40, torch.no_grad), (12, torch.inference_mode), (40, torch.inference_mode),
+                           (25, torch.no_grad)):
+        indices = torch.randint(0, 9, (n_tokens, 2), generator=torch.Generator().manual_seed(n_tokens))
+        weights = torch.rand(n_tokens, 2, generator=torch.Generator().manual_seed(n_tokens + 1))
+        expected = routing.routed_lora(x[:n_tokens], layer1, layer2, indices, weights, 0.5)
+        with mode():
+            got = routing.routed_lora(x[:n_tokens], layer1, layer2, indices, weights, 0.5)
+            start = torch.randn(n_tokens, 16)
+            accumulated = routing.routed_lora(x[:n_tokens], layer1, layer2, indices, weights, 0.5, out=start.clone())
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(accumulated, start + expected, atol=1e-5, rtol=1e-5)
+        results.append(got)
+    buffers = [b.data_ptr() for b in routing._SCRATCH.buffers.values()]
+    assert all(r.data_ptr() not in buffers for r in results)
 
 
 # ----- centring (beyond the paper): the scores see x - mu, the experts still see x ------------------------------
@@ -432,3 +496,46 @@ def test_unknown_score_type_names_the_table():
                  lambda: routing.dense_reference(x, g, layer1, layer2, 2, True, 1.0, score_type="euclid")):
         with pytest.raises(ValueError, match="score_type must be one of .*'original'.*'arrow'"):
             call()
+
+
+# ----- threads: the routed path's small operations run on one intra-op thread ------------------------------------
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_serial_small_ops_give_the_same_results_and_restore_the_thread_count(serial, monkeypatch):
+    """SERIAL_SMALL_OPS only changes how many threads the small operations use: the same numbers either way, and
+    the caller's thread count is back afterwards, also when a call raises."""
+    monkeypatch.setattr(routing, "SERIAL_SMALL_OPS", serial)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, g, layer1, layer2 = make_inputs(20, lead=(6, 7), d_in=32, d_out=16, rank=8)
+        mu = torch.randn(32)
+        with torch.no_grad():
+            expected = routing.dense_reference(x, g, layer1, layer2, 2, True, 0.25, input_mean=mu)
+            got, _ = routing.route_and_apply(x, routing.prepare_router_vectors(g), layer1, layer2, 2, True, 0.25,
+                                             input_mean=mu)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            routing.routed_lora(x, layer1[:, :-1], layer2, torch.zeros(6, 7, 2, dtype=torch.long), torch.ones(6, 7, 2),
+                                1.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_serial_section_runs_on_one_thread(monkeypatch):
+    seen = []
+    real_topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda *a, **k: seen.append(torch.get_num_threads()) or real_topk(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(routing, "SERIAL_SMALL_OPS", True)
+        routing.topk_weights(torch.softmax(torch.randn(5, 9), -1), 2, True)
+        monkeypatch.setattr(routing, "SERIAL_SMALL_OPS", False)
+        routing.topk_weights(torch.softmax(torch.randn(5, 9), -1), 2, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2]

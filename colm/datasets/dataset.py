@@ -247,8 +247,25 @@ class Dataset(torch.utils.data.Dataset):
         return dict(self.examples[i])
 
     # ---- tokenization ---------------------------------------------------------
+    # Training reads each example once per epoch; a dataset of at most this many examples keeps the token ids
+    # of the examples it has read (a few bytes per token) instead of tokenizing them again.
+    TOKEN_CACHE_MAX_EXAMPLES = 200_000
+
     def set_tokenizer(self, tokenizer):
         self.tokenizer = tokenizer
+        self._token_cache = {}
+
+    def _token_ids(self, tok, ex, i):
+        """(input ids, target ids, ids of each answer choice) of example i."""
+        cache = getattr(self, "_token_cache", None)
+        if cache is not None and i in cache:
+            return cache[i]
+        choices = list(ex.get("answer_choices") or [])
+        ids = (self._input_ids(tok, ex["input_str"], i), tokenize(tok, ex["target_str"], self.max_length),
+               [tokenize(tok, c, self.max_length) for c in choices])
+        if cache is not None and len(self) <= self.TOKEN_CACHE_MAX_EXAMPLES:
+            cache[i] = ids
+        return ids
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -262,8 +279,7 @@ class Dataset(torch.utils.data.Dataset):
         if missing:
             raise KeyError(f"Dataset {self.name!r}: get_example({i}) lacks {missing}; it returned keys {sorted(ex)}.")
         choices = list(ex.get("answer_choices") or [])
-        target_ids = tokenize(tok, ex["target_str"], self.max_length)
-        choice_ids = [tokenize(tok, c, self.max_length) for c in choices]
+        input_ids, target_ids, choice_ids = self._token_ids(tok, ex, i)
         label = ex.get("label")
         if label is not None:
             label = int(label)
@@ -281,9 +297,9 @@ class Dataset(torch.utils.data.Dataset):
             label = overlaps.index(max(overlaps))
         references = ex.get("references")
         return {
-            "input_ids": self._input_ids(tok, ex["input_str"], i),
-            "target_ids": target_ids,
-            "answer_choices_ids": choice_ids,
+            "input_ids": list(input_ids),
+            "target_ids": list(target_ids),
+            "answer_choices_ids": [list(c) for c in choice_ids],
             "label": label,
             "input_str": ex["input_str"],
             "target_str": ex["target_str"],

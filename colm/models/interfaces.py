@@ -3,9 +3,13 @@ LLAMA and GPT2: decoder-only causal LMs).
 
 - lm: teacher-forced cross-entropy on the target (mean over non-pad target tokens).
 - gen: greedy (or beam, T5 only) generation, decoded without special tokens.
-- mc: rank classification. The encoder runs ONCE per example; its output is repeated for every answer
-  choice; each choice's score is its summed token loss, divided by its length when length_normalization.
-  Padding-only choices (examples with fewer choices) score +inf. Prediction = argmin.
+- mc: rank classification. The encoder runs ONCE per example, and so do the cross-attention keys and values:
+  every cross-attention k / v linear (with the routers and experts it hosts) computes one row per example, which
+  is then repeated for the example's answer choices (`shared_across_choices`): the choices add the decoder's
+  work on their own few tokens, not C projections of the whole input per layer. Each choice's score is its
+  summed token loss, divided by its length when length_normalization. Padding-only choices (examples with fewer
+  choices) score +inf. Prediction = argmin. gen needs nothing of the kind: HF generate keeps the cross-attention
+  keys and values in its cache, computed at the first step only (tests/test_mc_shared_kv.py counts the calls).
 
 Decoder-only: the batch is the same (input_ids, target_ids, answer_choices_ids, each right-padded, each text
 ended by the tokenizer's eos). The model reads the input's tokens (its eos is the separator) and continues with
@@ -19,10 +23,14 @@ the target, so
   last logits, the others by the continuation's. Scores equal those of running input + choice whole.
 """
 
+import contextlib
+
 import torch
 from torch.nn import functional as F
 
+from colm.models import architecture
 from colm.models.architecture import GPT2, LLAMA, T5
+from colm.moma.moe import Router
 
 
 def _labels(target_ids, pad_id):
@@ -48,18 +56,87 @@ def gen_4encdec(model, batch, interface_info):
     return {"output_ids": output_ids, "output_text": texts}
 
 
+def cross_attention_kv(model) -> dict:
+    """{name: module} of the cross-attention key and value linears (the architecture's `cross_stack`)."""
+    pattern = architecture.facts(model.architecture).cross_stack
+    return {name: module for name, module in model.torch_model.named_modules() if pattern.fullmatch(name)}
+
+
+@contextlib.contextmanager
+def shared_across_choices(model, choices):
+    """While active, every cross-attention k / v linear reads its input's rows [0, C, 2C, ...], one per example
+    (the decoder gets the encoder output repeated C times, one row per answer choice: the rows of an example are
+    equal), computes on those, addons included, and repeats each output row C times for the attention.
+
+    Two hooks per linear, removed on exit: a pre-hook put FIRST, so the addons' pre-forward (ExposeHidden, Router)
+    sees the shared rows, and a post-hook put LAST, after the addons' post-forward (FFNExperts) has added the
+    experts. Everything still runs inside the decoder's forward, layer after layer, at the moment it ran before:
+    a router on the whole decoder (A1) has written its weights before the first k / v reads them, and the shared
+    dict receives its entries in the same order as when every choice had its own rows."""
+    if choices == 1:
+        yield
+        return
+
+    def one_row_per_example(module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        if x.shape[0] % choices:
+            raise RuntimeError(f"shared_across_choices: a cross-attention k / v input of {x.shape[0]} rows is not "
+                               f"{choices} rows (choices) per example.")
+        shared = x[::choices]
+        return ((shared, *args[1:]), kwargs) if args else (args, {**kwargs, "input": shared})
+
+    def one_row_per_choice(module, args, kwargs, output):
+        return output.repeat_interleave(choices, dim=0)
+
+    handles = []
+    try:
+        for module in cross_attention_kv(model).values():
+            handles.append(module.register_forward_pre_hook(one_row_per_example, with_kwargs=True, prepend=True))
+            handles.append(module.register_forward_hook(one_row_per_choice, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def router_outputs_per_choice(model, choices):
+    """Leaves in the shared dict what the routers of the cross-attention k / v wrote when every choice had its
+    own rows: their routing weights and scores, computed once per example, repeated C times (row b * C + c for
+    choice c of example b), as the routing analysis (colm/procedures/analysis.py routed_token_values) counts
+    them: each real input token once per choice at these modules. Only routers that read a hidden state exposed
+    at a cross-attention k / v (every model gin's routers there do) computed on shared rows; the hidden states
+    those exposers wrote stay one row per example (they are read inside the forward only)."""
+    if choices == 1:
+        return
+    cross = architecture.facts(model.architecture).cross_stack
+    shared = model.global_hidden_dict
+    for hosts in model.addons.values():
+        for host, addon in hosts.items():
+            if not (isinstance(addon, Router) and cross.fullmatch(host) and isinstance(addon.read_key[2], str)
+                    and cross.fullmatch(addon.read_key[2])):
+                continue
+            for key in (addon.write_key, addon.scores_key):
+                if isinstance(shared.get(key), torch.Tensor):
+                    shared[key] = shared[key].repeat_interleave(choices, dim=0)
+
+
 def choice_scores(model, batch, interface_info):
-    """Per-choice loss (B, C): summed token cross-entropy, length-normalised if asked; +inf for padding."""
+    """Per-choice loss (B, C): summed token cross-entropy, length-normalised if asked; +inf for padding.
+    The encoder and the cross-attention keys and values run once per example (module docstring)."""
     pad = model.pad_id
     input_ids, choices = batch["input_ids"], batch["answer_choices_ids"]
     b, c, t = choices.shape
     attention_mask = (input_ids != pad).long()
     encoder_out = model.torch_model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+    # One row per choice for the decoder and its masks; the k / v linears read one row per example of it.
     hidden = encoder_out.last_hidden_state.repeat_interleave(c, dim=0)
     labels = _labels(choices.reshape(b * c, t), pad)
-    logits = model.torch_model(
-        encoder_outputs=(hidden,), attention_mask=attention_mask.repeat_interleave(c, dim=0), labels=labels
-    ).logits
+    with shared_across_choices(model, c):
+        logits = model.torch_model(
+            encoder_outputs=(hidden,), attention_mask=attention_mask.repeat_interleave(c, dim=0), labels=labels,
+            use_cache=False,  # one teacher-forced pass: nothing to keep
+        ).logits
+    router_outputs_per_choice(model, c)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     lengths = (labels != -100).sum(dim=1).float()
     score = token_loss.sum(dim=1)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from colm.formats import keys
-from colm.moma import routing
+from colm.moma import ocean, routing
 from colm.moma.addons import Addon
 from colm.moma.retrieval_routing import RetrievalRouting
 from colm.moma.sizes import resolve_size
@@ -140,18 +140,29 @@ class Router(ExtendableAddon):
 
     Writes the probabilities under its write key and the pre-softmax scores under SCORES_KIND + write_key[1:]
     (decoder routers also append both per generation step under `<key> + ("concatenated",)`).
+
+    sublinear_scoring (inference, many experts; colm/moma/ocean.py): None (default) scores every expert;
+    "exact" finds each token's top k through a cluster index of the prepared router vectors (built once per
+    load, sublinear_clusters clusters, None: about 2 sqrt(N)), the same experts; "approximate" prunes with a
+    looser bound (sublinear_sigmas). Only the top k are scored, so it needs the top-k routing of the experts on
+    its link (FFNExperts.topk_value, normalize_topk=True), router_type "smear" and a score type of
+    ocean.SCORE_TYPES. It writes the top k under TOPK_KIND + write_key[1:] (FFNExperts take them from there) and,
+    under its write key, probabilities that are the renormalised top-k weights and zero elsewhere; no scores.
+    Blocks of too few tokens for the index (ocean.searches: decoding steps) are scored as by default.
     """
 
     stacked = ("expert_embeddings",)
     has_pre_forward = True
     INPUT_MEAN = "input_mean"  # buffer name, so the checkpoint key is <module>._addons.<router addon>.input_mean
     SCORES_KIND = "router_scores"
+    TOPK_KIND = "routing_topk"
 
     def __init__(self, global_hidden_dict, host_name, link, read_key, write_key, host, model_config,
                  on_decoder_tokens=False, d_router=gin.REQUIRED,
                  position="before", router_type="smear", score_type="original", scaling_scores=True,
                  temperature=10.0, elementwise_affine=False, epsilon=1e-6, is_retriever=False,
-                 retrieval_embedding_dim=384, center_inputs="auto"):
+                 retrieval_embedding_dim=384, center_inputs="auto", sublinear_scoring=None, sublinear_clusters=None,
+                 sublinear_sigmas=ocean.DEFAULT_SIGMAS):
         super().__init__(global_hidden_dict, host_name, link)
         if center_inputs == "auto":
             self.center_inputs = "auto"
@@ -187,6 +198,27 @@ class Router(ExtendableAddon):
         self._prepared, self._prepared_for = None, None
         # Absent (None: not in the state dict) until a checkpoint with input means is loaded or set_input_mean.
         self.register_buffer(self.INPUT_MEAN, None)
+        self.sublinear = None if sublinear_scoring in (None, "None") else sublinear_scoring
+        if self.sublinear is not None:
+            self._check_sublinear(sublinear_clusters, sublinear_sigmas)
+        self.topk_key = (self.TOPK_KIND,) + tuple(write_key[1:])
+        self.sublinear_clusters = None if sublinear_clusters in (None, "None") else sublinear_clusters
+        self.sublinear_sigmas = sublinear_sigmas
+        self._index, self._index_for = None, None
+
+    def _check_sublinear(self, clusters, sigmas):
+        if self.sublinear not in ocean.MODES:
+            raise ValueError(f"Router.sublinear_scoring={self.sublinear!r}; choose None, 'exact' or 'approximate'.")
+        if self.retrieval is not None:
+            raise ValueError("Router.sublinear_scoring is for scored routing, not Router.is_retriever=True.")
+        ocean.check_score_type(self.score_type, "Router.score_type")
+        if self.router_type != "smear":
+            raise ValueError(f"Router.sublinear_scoring needs Router.router_type='smear', got {self.router_type!r}.")
+        if clusters not in (None, "None") and (isinstance(clusters, bool) or not isinstance(clusters, int)
+                                              or clusters < 1):
+            raise ValueError(f"Router.sublinear_clusters={clusters!r}; choose None (about 2 sqrt(N)) or an int >= 1.")
+        if isinstance(sigmas, bool) or not isinstance(sigmas, (int, float)) or not sigmas > 0:
+            raise ValueError(f"Router.sublinear_sigmas={sigmas!r}; choose a number > 0.")
 
     def fresh_rows(self, name, num_new):
         return torch.zeros(num_new, self.d_router)
@@ -232,6 +264,11 @@ class Router(ExtendableAddon):
             self.d_router = first.shape[-1]
             self.expert_embeddings = nn.Parameter(self.expert_embeddings.new_zeros(len(self.link), self.d_router))
 
+    def _vectors_version(self):
+        # _version counts in-place updates (e.g. a load); inference tensors have none and cannot be updated.
+        g = self.expert_embeddings
+        return g.data_ptr(), None if g.is_inference() else g._version, g.dtype, g.device, tuple(g.shape)
+
     def _prepare(self, g):
         if self.retrieval is not None:
             return self.retrieval.libraries(g)
@@ -242,14 +279,52 @@ class Router(ExtendableAddon):
         g = self.expert_embeddings
         if g.requires_grad or self.weights is not None:  # trained: recompute, keep the graph
             return self._prepare(g)
-        # _version counts in-place updates (e.g. a load); inference tensors have none and cannot be updated.
-        version = (g.data_ptr(), None if g.is_inference() else g._version, g.dtype, g.device, tuple(g.shape))
+        version = self._vectors_version()
         if self._prepared_for != version:
             with torch.no_grad():
                 # detach: "dot" / "arrow" prepare g itself, and a Parameter attribute would join the state dict.
                 self._prepared = self._prepare(g).detach()
             self._prepared_for = version
         return self._prepared
+
+    def ocean_index(self):
+        """The cluster index of the prepared router vectors (sublinear scoring), rebuilt only when they change."""
+        version = self._vectors_version()
+        if self._index_for != version:
+            with torch.no_grad():
+                self._index = ocean.build_index(self._prepare(self.expert_embeddings.detach()), self.sublinear_clusters)
+            self._index_for = version
+        return self._index
+
+    def _sublinear_topk(self):
+        """The k of the top-k routing of the experts on this router's link (checked to be renormalised)."""
+        experts = [member for member in self.link.members if isinstance(member, FFNExperts)]
+        settings = {(member.topk_value, member.normalize_topk) for member in experts}
+        if len(settings) != 1 or next(iter(settings))[0] is None or not next(iter(settings))[1]:
+            raise ValueError(
+                f"Router on {self.host_name}: Router.sublinear_scoring={self.sublinear!r} scores only the top k, so it "
+                "needs FFNExperts.topk_value=<k> and FFNExperts.normalize_topk=True on the experts it routes (got "
+                f"topk_value, normalize_topk = {sorted(settings, key=str) or 'no experts'}).")
+        return next(iter(settings))[0]
+
+    def _sublinear_forward(self, hidden, mean):
+        """Routes through the index; False (nothing written) for a block of too few tokens for it
+        (ocean.searches, e.g. a decoding step), which is scored as by default."""
+        if torch.is_grad_enabled() and (hidden.requires_grad or self.expert_embeddings.requires_grad):
+            raise RuntimeError(f"Router on {self.host_name}: Router.sublinear_scoring is for inference; run under "
+                               "torch.no_grad() or freeze the router and its inputs.")
+        k, index = self._sublinear_topk(), self.ocean_index()
+        if not ocean.searches(index, hidden.numel() // hidden.shape[-1]):
+            return False
+        indices, weights = ocean.topk_routing(index, hidden, k, self.score_type, self.scaling_scores,
+                                              None if mean is None else mean.float(), self.sublinear,
+                                              self.sublinear_sigmas)
+        probs = weights.new_zeros(*weights.shape[:-1], len(self.link)).scatter_(-1, indices, weights)
+        self.global_hidden_dict[self.topk_key] = (indices, weights)
+        self.global_hidden_dict[self.write_key] = probs
+        if self.concatenate:
+            self.global_hidden_dict.setdefault(self.write_key + ("concatenated",), []).append(probs)
+        return True
 
     def pre_forward(self, args, kwargs):
         if len(self.link) == 0:
@@ -259,6 +334,8 @@ class Router(ExtendableAddon):
             self.global_hidden_dict[self.write_key] = self.retrieval.route(hidden, self.prepared_vectors())
             return None
         mean = self.centring_mean()
+        if self.sublinear is not None and self._sublinear_forward(hidden, mean):
+            return None
         scores = routing.router_scores(hidden.float(), self.prepared_vectors(), self.score_type,
                                        self.scaling_scores, self.temperature,
                                        input_mean=None if mean is None else mean.float())
@@ -325,12 +402,12 @@ class FFNExperts(ExtendableAddon):
             self.layer2 = nn.Parameter(self.layer2.new_zeros(len(self.link), rank, self.d_out))
 
     def routing_weights(self, rows, length):
-        """(indices, weights) of shape (rows, length, k) from the router's output."""
-        probs = self.global_hidden_dict[self.read_key]
-        if probs.shape[0] != rows:  # rank classification repeats each example once per answer choice
-            probs = probs.repeat_interleave(rows // probs.shape[0], dim=0)
-        if probs.dim() == 2:  # one distribution per example: every token gets it
-            probs = probs[:, None, :].expand(rows, length, probs.shape[-1])
+        """(indices, weights) of shape (rows, length, k) from the router's output (its top k if it wrote them,
+        Router.sublinear_scoring)."""
+        chosen = self.global_hidden_dict.get((Router.TOPK_KIND,) + tuple(self.read_key[1:]))
+        if chosen is not None:
+            return tuple(_per_token(values, rows, length) for values in chosen)
+        probs = _per_token(self.global_hidden_dict[self.read_key], rows, length)
         if self.topk_value is not None:
             return routing.topk_weights(probs, self.topk_value, self.normalize_topk, self.epsilon)
         # Every expert with its weight; experts at weight 0 (e.g. one-hot retrieval routing) are skipped.
@@ -354,6 +431,15 @@ class FFNExperts(ExtendableAddon):
                                        out=output.view(x.shape[:-1] + (output.shape[-1],))).view(output.shape)
         delta = routing.routed_lora(x, self.layer1, self.layer2, indices, weights, self.scale)
         return output + delta.view(output.shape).to(output.dtype)
+
+
+def _per_token(values, rows, length):
+    """Router output (examples or rows, [length,] n) as (rows, length, n)."""
+    if values.shape[0] != rows:  # rank classification repeats each example once per answer choice
+        values = values.repeat_interleave(rows // values.shape[0], dim=0)
+    if values.dim() == 2:  # one distribution per example: every token gets it
+        values = values[:, None, :].expand(rows, length, values.shape[-1])
+    return values
 
 
 def _nearest(name, candidates):

@@ -20,12 +20,18 @@ Speed notes (measured by benchmarks/routing.py):
   * Because standardised router vectors have zero mean, <standardise(x), g^_i> = <x, g^_i> / std(x): the
     standardised x is never materialised, and x @ g^T can share one GEMM with the base weight
     (`fuse_linear_and_router` / `linear_and_router_scores`).
-  * `routed_lora` only computes the chosen (token, expert) pairs: pairs are sorted by expert, and runs of
-    consecutive experts are padded to a common row count so that each run is one batched low-rank product.
+  * `routed_lora` only computes the chosen (token, expert) pairs (`_grouped_lora`): pairs are sorted by expert
+    once and their rows gathered into a reused buffer; each low-rank product is one torch.bmm over the experts padded
+    to a common row count, or on one thread where the padding would cost more, one matrix product per expert; the
+    result is index-added into the output. What remains is mostly memory traffic and per-call
+    overhead (the gathered rows and the (pairs x d_out) product are each written once and read once), not FLOPs.
+  * On cores shared with other work, SERIAL_SMALL_OPS keeps everything but the router product on one thread.
 `dense_reference` is the slow, obviously-correct version that the tests compare against.
 """
 
+import contextlib
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,13 +44,31 @@ COSINE_EPS = 1e-6  # eps of the L2 normalisation of the "cosine" score
 # Rows of the fused [W | g^] weight are padded to a multiple of this: an odd column count (e.g. 768 + 166)
 # makes the CPU GEMM noticeably slower than a padded one (measured: 1.60x vs 1.24x base at N=166).
 FUSED_ROWS_MULTIPLE = 16
-# Chunking of routed_lora (see _plan_chunks): padded rows per bmm call, and tolerated padding.
-CHUNK_MAX_ROWS = 512
-CHUNK_MAX_PADDING = 1.5
-CHUNK_PADDING_SLACK = 16
+# dtypes F.grouped_mm takes (others, e.g. float64, use a loop over the experts; see _grouped_mm).
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# In place, routed_lora pads each expert's chosen pairs to a common capacity (`_padded_into`): the largest count, but
+# at most max(this x pairs / N, MIN_PADDED_CAPACITY) (skewed routing: a busier expert's other rows go unpadded).
+PADDED_ROWS_PER_PAIR = 2.0
+MIN_PADDED_CAPACITY = 16
+# ... on one intra-op thread only while the padded layout has at most (pairs + this x N) rows: there, one matrix
+# product per expert and product is cheaper than more padding (measured: T=2048, d=768, N=166 unpadded 10.2 ms,
+# padded 12.9 ms; T=256, d=512, N=166 unpadded 3.1 ms, padded 2.1 ms).
+ONE_THREAD_PADDING_ROWS = 10
+# Largest gather buffer routed_lora keeps between calls (per thread and dtype/device); larger ones are allocated anew.
+SCRATCH_MAX_BYTES = 64 * 2**20
 # routed_lora computes every expert densely when N <= this * k (measured at k=2, T=2048, CPU: clearly faster
-# than the chunked path for N <= 4, on par at N = 8).
+# than the grouped path for N <= 4, on par at N = 8).
 DENSE_MAX_EXPERTS_PER_K = 4
+_SCRATCH = threading.local()
+# On two cores shared with other work, every multi-threaded operation is a parallel region that waits for a
+# descheduled thread (5-7 ms a region was measured here, against ~10 us on idle cores). True: on the CPU, the routed
+# path's own operations (token factors, softmax, top-k, sorting, gathering, the low-rank products, the scatter) run
+# on one intra-op thread, only the router product (a GEMM that grows with the host linear) on all of them, and
+# routed_lora takes its one-thread path. Measured at N=1 and 166 on two cores (the addons layer / the base linear,
+# interleaved): shared with other work, 1.21-1.26x and 2.23-2.50x with True, 2.57-3.28x and 3.55-4.63x without;
+# idle, 1.32x and 3.05x with True, 1.19x and 2.91x without (before the padded layout). The project's default of one
+# intra-op thread (exp_launch/setup_environment_variable.sh) makes it moot.
+SERIAL_SMALL_OPS = False
 
 
 def standardize(v, eps=LAYER_NORM_EPS):
@@ -205,21 +229,23 @@ def router_scores(x, prepared, score_type="original", scaling_scores=True, tempe
             raise ValueError(f"input_mean must have shape ({d_in},) like the token activations' last dim, "
                              f"got {tuple(input_mean.shape)}.")
         dtype = torch.promote_types(torch.promote_types(x.dtype, input_mean.dtype), torch.float32)
-        if raw_scores is not None:
-            raw_dtype = torch.promote_types(raw_scores.dtype, torch.float32)
-            raw_scores = raw_scores.to(raw_dtype) - F.linear(input_mean.to(raw_dtype), prepared.to(raw_dtype))
-        x = x.to(dtype) - input_mean.to(dtype)
-    if raw_scores is None:
+        with _serial(x):
+            if raw_scores is not None:
+                raw_dtype = torch.promote_types(raw_scores.dtype, torch.float32)
+                raw_scores = raw_scores.to(raw_dtype) - F.linear(input_mean.to(raw_dtype), prepared.to(raw_dtype))
+            x = x.to(dtype) - input_mean.to(dtype)
+    if raw_scores is None:  # the router product: 2*T*N*d FLOPs, on every intra-op thread
         dtype = torch.promote_types(x.dtype, prepared.dtype)
         raw_scores = F.linear(x.to(dtype), prepared.to(dtype))
-    scores = raw_scores.to(torch.promote_types(raw_scores.dtype, torch.float32))
-    factor = None if spec.token_factor is None else spec.token_factor(x)
-    if spec.finish is not None:
-        scores = spec.finish(scores, temperature)
-    if scaling_scores:
-        factor = math.sqrt(1.0 / d_in) if factor is None else factor * math.sqrt(1.0 / d_in)
-    if factor is not None:
-        scores = scores * factor
+    with _serial(x):
+        scores = raw_scores.to(torch.promote_types(raw_scores.dtype, torch.float32))
+        factor = None if spec.token_factor is None else spec.token_factor(x)
+        if spec.finish is not None:
+            scores = spec.finish(scores, temperature)
+        if scaling_scores:
+            factor = math.sqrt(1.0 / d_in) if factor is None else factor * math.sqrt(1.0 / d_in)
+        if factor is not None:
+            scores = scores * factor
     return scores
 
 
@@ -228,10 +254,11 @@ def probs_from_scores(scores, router_type="smear"):
     softmax with every entry but the argmax zeroed (not renormalised)."""
     if router_type not in ROUTER_TYPES:
         raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}.")
-    probs = torch.softmax(scores, dim=-1)
-    if router_type == "top1":
-        top = probs.argmax(dim=-1, keepdim=True)
-        probs = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+    with _serial(scores):
+        probs = torch.softmax(scores, dim=-1)
+        if router_type == "top1":
+            top = probs.argmax(dim=-1, keepdim=True)
+            probs = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
     return probs
 
 
@@ -251,54 +278,28 @@ def topk_weights(probs, k, normalize_topk, eps=1e-6):
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     k = min(k, probs.shape[-1])
-    # Unsorted: the slot order is irrelevant to the weighted sum, and sorting costs time.
-    weights, indices = torch.topk(probs, k, dim=-1, sorted=False)
-    if normalize_topk:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+    with _serial(probs):
+        # Unsorted: the slot order is irrelevant to the weighted sum, and sorting costs time.
+        weights, indices = torch.topk(probs, k, dim=-1, sorted=False)
+        if normalize_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
     return indices, weights
-
-
-def _plan_chunks(counts):
-    """Groups consecutive experts into chunks computed by one padded torch.bmm each.
-
-    counts: pairs per expert (Python list). Every expert of a chunk gets `capacity` = the chunk's largest count
-    rows; a chunk is closed before it would exceed CHUNK_MAX_ROWS padded rows or waste more than
-    CHUNK_MAX_PADDING x its real rows (+ CHUNK_PADDING_SLACK), so skewed routing degrades to one expert per
-    chunk (a plain grouped mm) rather than to huge padding. Chunks with no pairs are dropped.
-    Returns (chunks, slot_starts): chunks as (first_expert, n_experts, capacity, first_slot) tuples tiling the
-    padded slots [0, total) in order, slot_starts[e] the first padded slot of expert e (0 if dropped).
-    """
-    closed = []
-    first, capacity, rows = 0, 0, 0
-    for e, count in enumerate(counts):
-        new_capacity, n = max(capacity, count), e - first + 1
-        padded = n * new_capacity
-        if e > first and (padded > CHUNK_MAX_ROWS or padded > CHUNK_MAX_PADDING * (rows + count) + CHUNK_PADDING_SLACK):
-            closed.append((first, e - first, capacity, rows))
-            first, capacity, rows = e, count, count
-        else:
-            capacity, rows = new_capacity, rows + count
-    closed.append((first, len(counts) - first, capacity, rows))
-    chunks, slot_starts, slot = [], [0] * len(counts), 0
-    for first, n, capacity, rows in closed:
-        if rows == 0:
-            continue
-        chunks.append((first, n, capacity, slot))
-        for j in range(n):
-            slot_starts[first + j] = slot + j * capacity
-        slot += n * capacity
-    return chunks, slot_starts
 
 
 def routed_lora(x, layer1, layer2, indices, weights, scale, out=None):
     """dY (..., d_out) = sum_j weights[..., j] * (x @ layer1[e_j] @ layer2[e_j]) * scale, e_j = indices[..., j].
 
-    Computes only the chosen (token, expert) pairs (`_chunked_lora`), unless there are so few experts that
+    Computes only the chosen (token, expert) pairs (`_grouped_lora`), unless there are so few experts that
     computing all of them is cheaper (`_dense_lora`). Differentiable w.r.t. x, layer1, layer2 and weights.
     Computes in the promoted dtype of x and the LoRA factors (so bf16 activations with fp32 experts run in fp32,
     like LoRALinear) and returns x's dtype. If `out` (..., d_out) is given, returns out + dY instead; when
     autograd is not recording, `out` itself is updated in place (saves a zero-fill and an add).
     """
+    with _serial(x):
+        return _routed_lora(x, layer1, layer2, indices, weights, scale, out)
+
+
+def _routed_lora(x, layer1, layer2, indices, weights, scale, out):
     lead = x.shape[:-1]
     d_in = x.shape[-1]
     n_experts, _, d_out = layer2.shape
@@ -319,7 +320,7 @@ def routed_lora(x, layer1, layer2, indices, weights, scale, out=None):
             acc = out.reshape(-1, d_out).to(compute_dtype)
     # Few experts: computing all of them densely costs at most DENSE_MAX_EXPERTS_PER_K x the chosen pairs' FLOPs,
     # in two plain GEMMs with no sorting, gathering or scattering (which cost more than those FLOPs here).
-    lora = _dense_lora if n_experts <= DENSE_MAX_EXPERTS_PER_K * k else _chunked_lora
+    lora = _dense_lora if n_experts <= DENSE_MAX_EXPERTS_PER_K * k else _grouped_lora
     result = lora(xf, layer1.to(compute_dtype), layer2.to(compute_dtype), indices.reshape(-1, k), pair_weights, acc)
     if not inplace:
         delta = result.to(x.dtype).reshape(*lead, d_out)
@@ -345,54 +346,153 @@ def _dense_lora(xf, layer1, layer2, indices, pair_weights, acc):
     return acc.addmm_(hidden, flat_layer2)
 
 
-def _chunked_lora(xf, layer1, layer2, indices, pair_weights, acc):
-    """Only the chosen pairs, sorted by expert and computed chunk by chunk (`_plan_chunks`): a chunk is one
-    (gather its x rows, bmm with layer1, scale by the pair weights, bmm with layer2, index_add into dY), with
-    every expert of the chunk padded to the chunk's capacity. Padding rows read token 0 with weight 0, so they
-    add exact zeros. Same acc convention as _dense_lora.
+def _fits_grouped_mm(t):
+    """Whether F.grouped_mm takes t (rows, e) or (N, rows, e) as an operand, and its transpose for the backward: a
+    dtype of GROUPED_MM_DTYPES, rows contiguous and each 16 bytes aligned (so e * itemsize a multiple of 16)."""
+    return (t.dtype in GROUPED_MM_DTYPES and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+            and (t.shape[-1] * t.dtype.itemsize) % 16 == 0 and t.data_ptr() % 16 == 0)
 
-    Measured on 2 CPU cores at N=166, T=2048, k=2, d=768, r=16: one mm pair per expert costs 0.8-1.2x the
-    base linear (a small mm is ~20 us there); chunks of up to 512 rows bring that to ~0.5x, because bmm
-    spreads the experts of a chunk over the threads and there are ~10x fewer calls.
+
+def _grouped_mm(a, b, ends):
+    """Row groups of a (rows, d) times b (N, d, e): group i (rows ends[i-1]..ends[i]) times b[i], as (rows, e).
+
+    F.grouped_mm (one call; on CPU a loop of matrix products in C++) where it takes the operands (`_fits_grouped_mm`:
+    e.g. fp32 with d and e multiples of 4); a Python loop over the non-empty groups otherwise (float64, odd widths).
+    Differentiable either way.
+    """
+    if a.dtype == b.dtype and _fits_grouped_mm(a) and _fits_grouped_mm(b):
+        return F.grouped_mm(a, b, offs=ends)
+    bounds = [0] + ends.tolist()
+    parts = [a[start:stop] @ b[i] for i, (start, stop) in enumerate(zip(bounds, bounds[1:])) if stop > start]
+    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[2])
+
+
+def _scratch(name, rows, cols, dtype, device):
+    """An uninitialised (rows, cols) buffer `name`, reused across calls in this thread (in-place path only: what is
+    written there never leaves the call).
+
+    A fresh tensor of a few MB is often a fresh mapping whose pages the kernel maps on first touch (glibc serves
+    PyTorch's aligned allocations of that size with mmap), and on the machines the benchmarks run on that costs
+    more than the copy into it: a 2048 x 2 x 768 fp32 gather took ~9 ms with its ~3000 page faults, ~2.5 ms without.
+    Whether an allocation faults depends on what the process allocated before, so the cost came and went with the
+    allocation history. Buffers above SCRATCH_MAX_BYTES are not kept.
+    """
+    numel = rows * cols
+    if numel * dtype.itemsize > SCRATCH_MAX_BYTES:
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    # Inference tensors cannot be written outside inference mode: one buffer per mode.
+    key = (name, dtype, device, torch.is_inference_mode_enabled())
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(rows, cols)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n):
+    """Runs the block with n intra-op threads (torch.set_num_threads), restoring the count after."""
+    threads = torch.get_num_threads()
+    if threads == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _serial(t):
+    """One intra-op thread for the block when t is on the CPU and SERIAL_SMALL_OPS; nothing otherwise."""
+    if SERIAL_SMALL_OPS and t.device.type == "cpu":
+        return _intra_op_threads(1)
+    return contextlib.nullcontext()
+
+
+def _grouped_lora(xf, layer1, layer2, indices, pair_weights, acc):
+    """Only the chosen (token, expert) pairs, sorted by expert once and their x rows gathered in that order; the
+    (pairs, d_out) result is index-added into dY by token. Same acc convention as _dense_lora.
+
+    With autograd: both low-rank products grouped (F.grouped_mm, one matrix product per expert, no padding). In
+    place, one of two layouts (`_padded_into` or `_grouped_into`): each expert's rows padded to a common capacity so
+    that each product is one torch.bmm, or unpadded with one matrix product per expert. The padded one parallelises
+    over the experts and has no per-expert call, so it is taken with more than one intra-op thread, and on one thread
+    when its padding costs less than those calls (few pairs per expert, e.g. decoder tokens).
+
+    Measured in the routed layer at N=166, T=2048, k=2, d=768, r=16, CPU fp32 (interleaved): on one thread (thread
+    CPU time), unpadded 0.43-0.59x the base linear, against 0.54-0.79x for the previous design (runs of experts padded
+    to a common row count, one torch.bmm per run of up to 512 rows, ~12 runs) and ~0.2x more padded; on two idle
+    cores (the whole layer), padded 2.38x the base linear, unpadded 2.74x, the previous design 2.49x.
     """
     n_experts, d_in, _ = layer1.shape
     d_out = layer2.shape[2]
     k = indices.shape[1]
     flat_experts = indices.reshape(-1)
-    device = xf.device
-
-    # Sort pairs by expert; pair p of the sorted order goes to padded slot
-    # slot_starts[e] + (p - first sorted position of e) = p + shift[e].
-    order = torch.argsort(flat_experts, stable=True)
+    n_pairs = flat_experts.numel()
+    if n_pairs == 0:
+        return acc if acc is not None else xf.new_zeros(xf.shape[0], d_out)
+    order = torch.argsort(flat_experts, stable=True)  # stable: each expert's tokens stay in ascending order
     counts = torch.bincount(flat_experts, minlength=n_experts)
-    chunks, slot_starts = _plan_chunks(counts.tolist())
-    n_slots = chunks[-1][3] + chunks[-1][1] * chunks[-1][2] if chunks else 0
-    shift = torch.tensor(slot_starts, device=device) - (torch.cumsum(counts, 0) - counts)
-    slots = torch.arange(order.numel(), device=device) + shift.index_select(0, flat_experts.index_select(0, order))
     tokens = torch.div(order, k, rounding_mode="floor")
-    slot_tokens = torch.zeros(n_slots, dtype=torch.long, device=device).index_copy_(0, slots, tokens)
-    slot_weights = torch.zeros(n_slots, dtype=xf.dtype, device=device).index_copy(
-        0, slots, pair_weights.reshape(-1).index_select(0, order))
+    sorted_weights = pair_weights.reshape(-1).index_select(0, order)
+    if acc is None:
+        ends = torch.cumsum(counts, 0, dtype=torch.int32)
+        rows = xf.index_select(0, tokens)
+        hidden = _grouped_mm(rows, layer1, ends) * sorted_weights.unsqueeze(1)
+        return xf.new_zeros(xf.shape[0], d_out).index_add(0, tokens, _grouped_mm(hidden, layer2, ends))
+    largest = int(counts.max())
+    capacity = min(largest, max(math.ceil(PADDED_ROWS_PER_PAIR * n_pairs / n_experts), MIN_PADDED_CAPACITY))
+    if torch.get_num_threads() > 1 or (
+            capacity == largest and n_experts * capacity <= n_pairs + ONE_THREAD_PADDING_ROWS * n_experts):
+        return _padded_into(acc, xf, layer1, layer2, tokens, sorted_weights, flat_experts.index_select(0, order),
+                            counts, capacity)
+    return _grouped_into(acc, xf, layer1, layer2, tokens, sorted_weights, torch.cumsum(counts, 0, dtype=torch.int32))
 
-    parts = []
-    for first, n, capacity, start in chunks:
-        stop = start + n * capacity
-        rows = slot_tokens[start:stop]
-        # Transposed formulation (hidden is (n, r, capacity)): the same products on transposed views, which
-        # MKL runs ~1.5x faster here than x_chunk @ layer1 for these thin shapes (measured, CPU fp32).
-        x_chunk = xf.index_select(0, rows).view(n, capacity, d_in)
-        hidden = torch.bmm(layer1[first : first + n].mT, x_chunk.mT)
-        hidden = hidden * slot_weights[start:stop].view(n, 1, capacity)
-        y = torch.bmm(hidden.mT, layer2[first : first + n]).view(n * capacity, d_out)
-        if acc is None:
-            parts.append(y)
-        else:
-            acc.index_add_(0, rows, y)
-    if acc is not None:
-        return acc
-    delta = torch.zeros(xf.shape[0], d_out, dtype=xf.dtype, device=device)
-    # One out-of-place index_add over all chunks (they tile the slots in order): a single autograd node.
-    return delta.index_add(0, slot_tokens, torch.cat(parts)) if parts else delta
+
+def _grouped_into(acc, xf, layer1, layer2, tokens, weights, ends):
+    """acc[tokens[p]] += weights[p] * (xf[tokens[p]] @ layer1[e] @ layer2[e]) for the pairs p of group e (pairs
+    ends[e-1]..ends[e], sorted by expert), in place, one matrix product per expert and product. The gathered rows
+    and the result live in per-thread buffers (`_scratch`); the second product writes into its buffer expert by
+    expert (F.grouped_mm has no out=; the loop costs the same as its own, measured)."""
+    n_pairs, d_in, d_out = tokens.numel(), xf.shape[1], layer2.shape[2]
+    rows = torch.index_select(xf, 0, tokens, out=_scratch("rows", n_pairs, d_in, xf.dtype, xf.device))
+    hidden = _grouped_mm(rows, layer1, ends).mul_(weights.unsqueeze(1))
+    delta = _scratch("delta", n_pairs, d_out, xf.dtype, xf.device)
+    bounds = [0] + ends.tolist()
+    for expert, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        if stop > start:
+            torch.mm(hidden[start:stop], layer2[expert], out=delta[start:stop])
+    return acc.index_add_(0, tokens, delta)
+
+
+def _padded_into(acc, xf, layer1, layer2, tokens, weights, sorted_experts, counts, capacity):
+    """The pairs (sorted by expert: tokens, weights, sorted_experts; counts per expert) in an (N, capacity) layout,
+    so that each low-rank product is one torch.bmm, parallel over the experts; padding slots read token 0 with weight
+    0 and add exact zeros. Rows of an expert beyond the capacity (`_grouped_lora` bounds it for skewed routing) go
+    through `_grouped_into`. In place into acc."""
+    n_experts, d_in, _ = layer1.shape
+    d_out = layer2.shape[2]
+    n_pairs = tokens.numel()
+    rank = torch.arange(n_pairs, device=xf.device) - (torch.cumsum(counts, 0) - counts).index_select(0, sorted_experts)
+    slots = sorted_experts * capacity + rank
+    overflow = int(counts.max()) > capacity
+    padded_tokens, padded_weights = tokens, weights
+    if overflow:
+        kept = rank < capacity
+        slots, padded_tokens, padded_weights = slots[kept], tokens[kept], weights[kept]
+    n_slots = n_experts * capacity
+    slot_tokens = torch.zeros(n_slots, dtype=tokens.dtype, device=xf.device).index_copy_(0, slots, padded_tokens)
+    slot_weights = xf.new_zeros(n_slots).index_copy_(0, slots, padded_weights)
+    rows = torch.index_select(xf, 0, slot_tokens, out=_scratch("rows", n_slots, d_in, xf.dtype, xf.device))
+    hidden = torch.bmm(rows.view(n_experts, capacity, d_in), layer1).mul_(slot_weights.view(n_experts, capacity, 1))
+    delta = _scratch("delta", n_slots, d_out, xf.dtype, xf.device).view(n_experts, capacity, d_out)
+    acc.index_add_(0, slot_tokens, torch.bmm(hidden, layer2, out=delta).view(n_slots, d_out))
+    if overflow:
+        rest = ~kept
+        ends = torch.cumsum((counts - capacity).clamp_(min=0), 0, dtype=torch.int32)
+        _grouped_into(acc, xf, layer1, layer2, tokens[rest], weights[rest], ends)
+    return acc
 
 
 def route_and_apply(x, prepared, layer1, layer2, k, normalize_topk, scale, score_type="original",

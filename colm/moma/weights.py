@@ -7,8 +7,15 @@ Loading refuses, with a message that names them: unexpected keys, shape mismatch
 nothing else would set them (a frozen model: the evaluation would run them at their initial values).
 Missing expert tensors that training will set are reported with their count. The frozen base model's own
 weights are never expected: a checkpoint holds only experts, gates and routers.
+
+Memory: load_weights maps a `.pt` checkpoint (read_checkpoint(mmap=True)) and copies each tensor straight into the
+model tensor its key names (a per-expert key into its row of the stacked expert parameters), in the file's order,
+releasing the file's pages behind (checkpoint_io.in_file_order). So loading N experts holds the model and about
+one tensor of the checkpoint, not the whole checkpoint beside the experts, and no stacked copies
+(benchmarks/loading_memory.py).
 """
 
+import itertools
 import os
 import re
 
@@ -17,7 +24,7 @@ import torch
 
 from colm.formats import gcs
 from colm.formats import keys as K
-from colm.formats.checkpoint_io import numbered_files, read_checkpoint, write_checkpoint
+from colm.formats.checkpoint_io import in_file_order, numbered_files, read_checkpoint, write_checkpoint
 from colm.formats.layout import numbered_file
 from colm.utils.paths import expand
 
@@ -90,8 +97,8 @@ def _module_of(key: str) -> str:
 
 def check_finite(state: dict, source: str) -> None:
     """Refuses NaN / Inf values, naming the tensor and its module."""
-    for key, value in state.items():
-        if value.is_floating_point() or value.is_complex():
+    for key, value in in_file_order(state):
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             if bad:
                 raise ValueError(
@@ -161,8 +168,25 @@ def load_state_into(model, state: dict, source: str) -> None:
             "The checkpoint comes from a different model size or LoRA rank."
         )
     check_missing(model, own, state, source)
-    model.torch_model.load_state_dict(state, strict=False)
+    _copy_into(model.torch_model, own, state)
     model.after_load()
+
+
+def _copy_into(torch_model, own: dict, state: dict) -> None:
+    """Sets the model's tensors to the checkpoint's, as load_state_dict(state, strict=False) does (the per-expert
+    keys of a stacked expert parameter included), without building stacked copies: `own` is the model's state dict,
+    whose entries are the model's tensors or views of them (ExtendableAddon._split_experts: one row of the stacked
+    parameter per expert), and each checkpoint tensor is copied into its entry, in the file's order
+    (in_file_order). Keys whose entry is not the memory of a model tensor go through load_state_dict."""
+    storages = {t.untyped_storage().data_ptr() for t in itertools.chain(torch_model.parameters(), torch_model.buffers())}
+    direct = {k for k in state if own[k].numel() and own[k].untyped_storage().data_ptr() in storages}
+    with torch.no_grad():
+        for key, value in in_file_order(state):
+            if key in direct:
+                own[key].copy_(value)
+    rest = {k: v for k, v in state.items() if k not in direct}
+    if rest:
+        torch_model.load_state_dict(rest, strict=False)
 
 
 @gin.configurable
@@ -173,7 +197,7 @@ def load_weights(model, weight_path=gin.REQUIRED, scan_numbers=False, skip_if_no
     if skip_if_not_found and not (gcs.exists(path) if gcs.is_gcs_path(path) else os.path.isfile(path)):
         print(f"[colm] load_weights: {path} not found, skipped (skip_if_not_found=True).")
         return
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, mmap=True)
     load_state_into(model, state, path)
     # Trainer.output_dir refuses to write a warm start into the directory of the checkpoint it started from.
     model.loaded_from = [*getattr(model, "loaded_from", []), path]

@@ -157,7 +157,8 @@ class ExpertJobs:
             echo(f"[train_experts] {result.name}: {result.status}{seconds}{where} "
                  f"({len(finished)}/{total} experts, {time.time() - started:.0f}s in all)")
 
-        results = runner.run_chains([[self.stage(name)] for name in names], workers, on_result, envs)
+        with runner.preloaded():
+            results = runner.run_chains([[self.stage(name)] for name in names], workers, on_result, envs)
         return self.rows({name: result for name, result in zip(names, results)})
 
     # ----- gathering the results ------------------------------------------------------------------------------

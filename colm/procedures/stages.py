@@ -10,6 +10,9 @@ interpreter). `StageRunner(out_dir)` runs stages as child processes and keeps it
 
 A failed stage is tried again up to `retries` times (from its first unfinished command); it is then reported
 as failed, and `run_chains` goes on with every other chain. Nothing here reads what the commands write.
+
+Inside `with runner.preloaded():` the commands run through a preloaded Python (colm/utils/preloaded.py): each
+is still a process of its own with the same results, but does not import torch and transformers again.
 """
 
 import json
@@ -22,7 +25,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from colm.utils import preloaded
 
 MARKER_DIR = ".stages"
 LOG_DIR = "logs"
@@ -82,6 +88,7 @@ class StageRunner:
         self.out_dir = out_dir
         self.retries = retries
         self.env = env
+        self.server_path = None  # the preloaded Python's socket, inside `with self.preloaded():`
         self.stopping = threading.Event()  # set by run_chains on Ctrl-C: no stage or retry starts any more
 
     def marker(self, stage: Stage) -> str:
@@ -139,7 +146,7 @@ class StageRunner:
                 continue
             log_file.write(f"$ {shlex.join(command)}\n")
             log_file.flush()
-            argv = [sys.executable if command[0] == "python" else command[0]] + list(command[1:])
+            argv, env = self._argv_and_env(command, env)
             code = subprocess.run(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
             if code != 0:
                 log_file.write(f"[stages] exit status {code}\n")
@@ -147,6 +154,30 @@ class StageRunner:
                 return False
             open(step, "w").close()
         return True
+
+    @contextmanager
+    def preloaded(self):
+        """Runs the commands started inside the block through one preloaded Python, started with the runner's
+        environment (a command whose environment differs in what imports read runs as a plain process)."""
+        server = preloaded.Server(env=self.env)
+        try:
+            self.server_path = server.wait_ready()
+            yield self
+        finally:
+            self.server_path = None
+            server.close()
+
+    def _argv_and_env(self, command, env):
+        """A "python" command runs with this interpreter, through the preloaded Python when there is one."""
+        if command[0] != "python":
+            argv = list(command)
+        elif self.server_path:
+            argv = [sys.executable, "-m", "colm.utils.preloaded", "run", "--"] + list(command[1:])
+        else:
+            argv = [sys.executable] + list(command[1:])
+        if self.server_path:  # the launchers' run_colm and run_python use it too
+            env = dict(os.environ if env is None else env, COLM_PRELOADED=self.server_path)
+        return argv, env
 
     def run_chains(self, chains, workers: int = 1, on_result=None, envs=None) -> list:
         """Runs chains of stages, `workers` chains at a time: within a chain one stage after the other, and a

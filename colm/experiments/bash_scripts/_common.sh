@@ -88,8 +88,11 @@ load_extra_gin_files() {
 # turns the signal into a normal exit (colm/main.py); a re-run of the same command resumes the training.
 # COLM_TORCHRUN="--standalone --nproc_per_node=2" (any torchrun flags) runs it data-parallel under torchrun
 # (docs/distributed.md); torchrun passes the forwarded signals on to every rank.
+# COLM_PRELOADED=<socket> (set by the quickstart and scripts/train_experts.py): the command runs in a fork of a
+# Python that has already imported torch and transformers (colm/utils/preloaded.py), the same as a new process.
 run_colm() {
   local launcher=("$PYTHON_EXEC")
+  [ -n "${COLM_PRELOADED:-}" ] && launcher=("$PYTHON_EXEC" -m colm.utils.preloaded run --)
   # shellcheck disable=SC2206  # the torchrun flags are meant to split into words
   [ -n "${COLM_TORCHRUN:-}" ] && launcher=("$PYTHON_EXEC" -m torch.distributed.run $COLM_TORCHRUN)
   echo "[launcher] EXP_NAME=$EXP_NAME ${launcher[*]} -m colm.main $*" >&2
@@ -107,6 +110,15 @@ run_colm() {
   done
   trap - TERM INT HUP
   return "$status"
+}
+
+# run_python scripts/x.py ARGS: a script run by a launcher, through the preloaded Python when there is one.
+run_python() {
+  if [ -n "${COLM_PRELOADED:-}" ]; then
+    "$PYTHON_EXEC" -m colm.utils.preloaded run -- "$@"
+  else
+    "$PYTHON_EXEC" "$@"
+  fi
 }
 
 # Router flags shared by the MoE launchers: -score_type, -scaling_scores, -elementwise_affine.

@@ -44,5 +44,5 @@ if [ "$compute_hiddens" = True ]; then
       "save_results.save_dir=\"$save_dir\"" "${router[@]}" "$extra_bindings"
 fi
 
-"$PYTHON_EXEC" scripts/insert_averaged_hiddens.py --exp_name "$exp_name" --dataset "$scope" --index 0 \
+run_python scripts/insert_averaged_hiddens.py --exp_name "$exp_name" --dataset "$scope" --index 0 \
   --hiddens_suffix "$hiddens_suffix" --component "$component" --arch "$arch"

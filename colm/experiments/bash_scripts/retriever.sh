@@ -61,7 +61,7 @@ if [ "$make_expert_library" = True ]; then
       "P/RETRIEVE/Retriever.dataset_length=$dataset_length" "$extra_bindings"
 elif [ "$create_checkpoint" = True ]; then
   echo "[launcher] make_checkpoint_for_retrieval exp_out/$old_exp_name + exp_out/$library -> exp_out/$exp_name" >&2
-  "$PYTHON_EXEC" scripts/manipulations.py --gin_bindings 'func_caller.func=@make_checkpoint_for_retrieval' \
+  run_python scripts/manipulations.py --gin_bindings 'func_caller.func=@make_checkpoint_for_retrieval' \
     "make_checkpoint_for_retrieval.checkpoint_path=\"$old_exp_name\"" \
     "make_checkpoint_for_retrieval.embeddings_path=\"$library\"" \
     "make_checkpoint_for_retrieval.out_path=\"$exp_name\"" \
