@@ -25,7 +25,6 @@ over repeats of base time / variant time in the same repeat.
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import cpu_name, t5_small_config  # noqa: E402  (benchmarks/common.py)
+
 from colm import configurables, registry  # noqa: E402,F401  (registers the gin configurables)
 from colm.datasets.dataset import InterfaceInfo  # noqa: E402
 from colm.ginparse import parse_gin  # noqa: E402
@@ -50,22 +51,6 @@ def benchmark_prebuilt_t5():
     return _PREBUILT["model"]
 
 
-def t5_small_config():
-    return transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=6,
-                                 num_decoder_layers=6, num_heads=8, feed_forward_proj="gated-gelu",
-                                 tie_word_embeddings=True, dropout_rate=0.0, decoder_start_token_id=0,
-                                 pad_token_id=0, eos_token_id=1)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build(base, n_experts, seed):

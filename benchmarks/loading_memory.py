@@ -33,7 +33,6 @@ the base model's own construction overhead). Load time: wall clock of the Model 
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
 
 RANK = 16
 GIB = 1024**3
@@ -173,15 +173,6 @@ def child(checkpoint, n_experts):
 
 
 # ----- the parent -----------------------------------------------------------------------------------------------
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main():

@@ -26,7 +26,6 @@ The loss curves of all steps are compared (max |difference|).
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import cpu_name, t5_small_config  # noqa: E402  (benchmarks/common.py)
+
 from colm.datasets.dataset import InterfaceInfo  # noqa: E402
 from colm.models.hf_loading import hf_tokenizer  # noqa: E402
 from colm.models.model import Model  # noqa: E402
@@ -47,22 +48,6 @@ TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 TINY_TOKENIZER = "colm/models/tiny/toy_t5"  # only its pad / eos ids are used
 
 
-def t5_small_config():
-    return transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=6,
-                                 num_decoder_layers=6, num_heads=8, feed_forward_proj="gated-gelu",
-                                 tie_word_embeddings=True, dropout_rate=0.0, decoder_start_token_id=0,
-                                 pad_token_id=0, eos_token_id=1)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def lora_model(base):
