@@ -223,6 +223,9 @@ def routed_model(arch_file, bindings=()):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for addon in model.addons["expert_lora"].values():
+            # both factors from the seeded generator: extend_moe's own init draws from the global RNG, so the
+            # experts' effect on the loss would depend on the tests run before (it varied 0.0017-0.048 by seed)
+            addon.layer1.copy_(torch.randn(addon.layer1.shape, generator=generator) * 0.01)
             addon.layer2.copy_(torch.randn(addon.layer2.shape, generator=generator) * 0.5)
         for router in model.addons["router"].values():
             router.expert_embeddings.copy_(torch.randn(router.expert_embeddings.shape, generator=generator))

@@ -117,7 +117,9 @@ class ExtendableAddon(Addon):
                 new_rows = self.fresh_rows(name, num_new).to(old.device, old.dtype)
             else:
                 raise ValueError(f"extend_moe.weight_init={weight_init!r}; choose 'from_scratch' or 'average'.")
-            setattr(self, name, nn.Parameter(torch.cat([old.detach(), new_rows]), requires_grad=old.requires_grad))
+            # The first experts are the new rows themselves: no module-sized copy (loading 166 experts at once)
+            rows = new_rows.contiguous() if old.shape[0] == 0 else torch.cat([old.detach(), new_rows])
+            setattr(self, name, nn.Parameter(rows, requires_grad=old.requires_grad))
 
     def fresh_rows(self, name, num_new):
         raise NotImplementedError
@@ -392,7 +394,7 @@ class FFNExperts(ExtendableAddon):
     def fresh_rows(self, name, num_new):
         rank = self.layer1.shape[2]
         if name == "layer1":
-            return torch.randn(num_new, self.d_in, rank) * self.init_scale
+            return torch.randn(num_new, self.d_in, rank).mul_(self.init_scale)
         return torch.zeros(num_new, rank, self.d_out)
 
     def match_checkpoint_shapes(self, first):
