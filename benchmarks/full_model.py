@@ -2,9 +2,9 @@
 
 Run: .venv/bin/python benchmarks/full_model.py [--size small|base] [--repeats 5] [--threads 2]
 
-A T5 built offline from a config with random weights (`--size small`, the default: d_model 512, 6+6 layers,
-8 heads of 64, d_ff 1024; `--size base`: d_model 768, 12+12 layers, 12 heads of 64, d_ff 2048; both gated-GELU,
-untied head, vocabulary 32128), wrapped in the project's Model through the gin files an A2 evaluation uses
+A T5 built offline from a config with random weights (`--size small`, the default: benchmarks/common.py's
+T5-small-sized T5 v1.1 shape, d_model 512, 6+6 layers, 8 heads of 64, d_ff 1024, gated-GELU, vocabulary 32128, head
+tied to the embedding; `--size base`: the same with d_model 768, 12+12 layers, 12 heads, d_ff 2048), wrapped in the project's Model through the gin files an A2 evaluation uses
 (colm/models/tiny/t5.gin for the Model and tokenizer, colm/models/tiny/moe_lora_rank16_a2.gin for the build: token
 routing at every encoder and decoder linear, cross-attention k/v included, rank-16 experts), top-2 with
 renormalisation (FFNExperts.topk_value=2, normalize_topk=True) and frozen parameters (Model.trainable_params="none",
@@ -41,20 +41,19 @@ import gin
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from common import cpu_name, t5_small_config  # noqa: E402  (benchmarks/common.py)
+
 from colm import configurables, registry  # noqa: E402,F401  (configurables: the gin names the gin files use)
 from colm.ginparse import parse_gin  # noqa: E402
 from colm.moma import routing  # noqa: E402
 from colm.moma.moe import extend_moe  # noqa: E402
 
-SIZES = {
-    "small": dict(d_model=512, d_ff=1024, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64),
-    "base": dict(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12, d_kv=64),
-}
-BATCH, ENCODER_TOKENS, DECODER_TOKENS, VOCAB = 8, 256, 32, 32128
+SIZES = {"small": {}, "base": dict(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12)}
+BATCH, ENCODER_TOKENS, DECODER_TOKENS = 8, 256, 32
 TOP_K, RANK = 2, 16
 EXPERT_COUNTS = (1, 36, 166)
 GIN_FILES = ["colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16_a2.gin"]
@@ -64,8 +63,9 @@ GIN_FILES = ["colm/models/tiny/t5.gin", "colm/models/tiny/moe_lora_rank16_a2.gin
 def benchmark_t5(size="small"):
     """The HF model: a T5 of the given size from a config, random weights, no download."""
     torch.manual_seed(0)
-    config = T5Config(vocab_size=VOCAB, feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **SIZES[size])
+    config = t5_small_config()
+    for name, value in SIZES[size].items():
+        setattr(config, name, value)
     return T5ForConditionalGeneration(config)
 
 
@@ -192,15 +192,17 @@ def main():
     args = parser.parse_args()
     os.chdir(REPO_ROOT)  # the gin files include each other by repository-relative paths
     torch.set_num_threads(args.threads)
-    config = SIZES[args.size]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T5 {args.size} ({config}), batch {BATCH} x "
+    model = build_model(args.size)
+    config = model.torch_model.config
+    shape = {name: getattr(config, name) for name in ("d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff")}
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, T5 {args.size} {shape}, "
+          f"batch {BATCH} x "
           f"{ENCODER_TOKENS} encoder / {DECODER_TOKENS} decoder tokens, rank {RANK}, top-{TOP_K}, fp32, "
           f"{args.repeats} interleaved repeats, medians\n")
-    model = build_model(args.size)
     generator = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(3, VOCAB, (BATCH, ENCODER_TOKENS), generator=generator),
+    batch = {"input_ids": torch.randint(3, config.vocab_size, (BATCH, ENCODER_TOKENS), generator=generator),
              "attention_mask": torch.ones(BATCH, ENCODER_TOKENS, dtype=torch.long),
-             "decoder_input_ids": torch.randint(3, VOCAB, (BATCH, DECODER_TOKENS), generator=generator)}
+             "decoder_input_ids": torch.randint(3, config.vocab_size, (BATCH, DECODER_TOKENS), generator=generator)}
     order = random.Random(0)
     rows, routed_ratio = [], {}
     for n_experts in EXPERT_COUNTS:

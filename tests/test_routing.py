@@ -30,17 +30,19 @@ def as_leaves(tensors, grad_mode):
     return [t.clone().requires_grad_() if grad_mode else t for t in tensors]
 
 
-@pytest.fixture(params=["grouped", "grouped-loop", "padded", "dense"])
+@pytest.fixture(params=["grouped", "grouped-loop", "padded", "gathered", "dense"])
 def lora_path(request, monkeypatch):
     """Forces routed_lora's implementation: grouped (only the chosen pairs, unpadded: one matrix product per expert;
     "grouped-loop" with the per-expert loop that stands in for F.grouped_mm where it does not take the operands),
     padded (only the chosen pairs, in place padded to a common capacity, as with more than one thread; the autograd
-    path stays unpadded) or dense (every expert)."""
+    path stays unpadded), gathered (in place, each pair's own factors gathered, as for a generation step) or dense
+    (every expert)."""
     monkeypatch.setattr(routing, "DENSE_MAX_EXPERTS_PER_K", 10**6 if request.param == "dense" else 0)
     if request.param == "grouped-loop":
         monkeypatch.setattr(routing, "GROUPED_MM_DTYPES", ())
     if request.param.startswith("grouped"):  # on one thread, never the padded layout
         monkeypatch.setattr(routing, "ONE_THREAD_PADDING_ROWS", -10**9)
+    monkeypatch.setattr(routing, "GATHERED_WEIGHTS_MAX_PAIRS_PER_EXPERT", 10**9 if request.param == "gathered" else 0)
     threads = 2 if request.param == "padded" else 1
     monkeypatch.setattr(routing.torch, "get_num_threads", lambda: threads)
     return request.param
@@ -278,11 +280,12 @@ def test_many_experts_with_skewed_routing(grad_mode, path, monkeypatch):
 
 
 @pytest.mark.parametrize("routing_kind", ["uniform", "skewed", "few_tokens", "repeats"])
-@pytest.mark.parametrize("layout", ["padded", "padded-overflow", "unpadded"])
+@pytest.mark.parametrize("layout", ["padded", "padded-overflow", "unpadded", "gathered"])
 def test_in_place_layouts_match_explicit_sum(routing_kind, layout, monkeypatch):
     """Both in-place layouts against the sum over pairs: padding slots add nothing, and with a capacity below the
     largest count ("padded-overflow", forced here) the busier experts' other rows go unpadded exactly once."""
     monkeypatch.setattr(routing, "DENSE_MAX_EXPERTS_PER_K", 0)
+    monkeypatch.setattr(routing, "GATHERED_WEIGHTS_MAX_PAIRS_PER_EXPERT", 10**9 if layout == "gathered" else 0)
     monkeypatch.setattr(routing.torch, "get_num_threads", lambda: 1 if layout == "unpadded" else 2)
     if layout == "unpadded":
         monkeypatch.setattr(routing, "ONE_THREAD_PADDING_ROWS", -10**9)

@@ -54,6 +54,11 @@ MIN_PADDED_CAPACITY = 16
 # product per expert and product is cheaper than more padding (measured: T=2048, d=768, N=166 unpadded 10.2 ms,
 # padded 12.9 ms; T=256, d=512, N=166 unpadded 3.1 ms, padded 2.1 ms).
 ONE_THREAD_PADDING_ROWS = 10
+# ... and with at most this many pairs per expert (a decoder step), each pair's factors are gathered instead
+# (`_gathered_weights_into`): measured for 8 tokens, d=512, N=166, one thread, 0.21 ms against 0.84 ms unpadded and
+# 1.2 ms padded (which read every expert's factors); for 32 tokens 0.73 ms against ~1.0 ms; for 256 tokens 6.5 ms
+# against 2.3 ms padded.
+GATHERED_WEIGHTS_MAX_PAIRS_PER_EXPERT = 0.5
 # Largest gather buffer routed_lora keeps between calls (per thread and dtype/device); larger ones are allocated anew.
 SCRATCH_MAX_BYTES = 64 * 2**20
 # routed_lora computes every expert densely when N <= this * k (measured at k=2, T=2048, CPU: clearly faster
@@ -65,9 +70,9 @@ _SCRATCH = threading.local()
 # path's own operations (token factors, softmax, top-k, sorting, gathering, the low-rank products, the scatter) run
 # on one intra-op thread, only the router product (a GEMM that grows with the host linear) on all of them, and
 # routed_lora takes its one-thread path. Measured at N=1 and 166 on two cores (the addons layer / the base linear,
-# interleaved): shared with other work, 1.21-1.26x and 2.23-2.50x with True, 2.57-3.28x and 3.55-4.63x without;
-# idle, 1.32x and 3.05x with True, 1.19x and 2.91x without (before the padded layout). The project's default of one
-# intra-op thread (exp_launch/setup_environment_variable.sh) makes it moot.
+# interleaved): shared with other work, 1.21-1.26x and 2.23-2.50x with True, 2.57-3.28x and 3.55-4.63x without
+# (before the padded layout; with it, still 3.0x and 7.4x); idle, 1.42x and 2.77x with True, 1.30x and 2.46x
+# without. The project's default of one intra-op thread (exp_launch/setup_environment_variable.sh) makes it moot.
 SERIAL_SMALL_OPS = False
 
 
@@ -418,12 +423,13 @@ def _grouped_lora(xf, layer1, layer2, indices, pair_weights, acc):
     place, one of two layouts (`_padded_into` or `_grouped_into`): each expert's rows padded to a common capacity so
     that each product is one torch.bmm, or unpadded with one matrix product per expert. The padded one parallelises
     over the experts and has no per-expert call, so it is taken with more than one intra-op thread, and on one thread
-    when its padding costs less than those calls (few pairs per expert, e.g. decoder tokens).
+    when its padding costs less than those calls (few pairs per expert, e.g. decoder tokens). Fewer pairs than
+    experts (a generation step) skip both: `_gathered_weights_into`.
 
-    Measured in the routed layer at N=166, T=2048, k=2, d=768, r=16, CPU fp32 (interleaved): on one thread (thread
+    Measured at N=166, T=2048, k=2, d=768, r=16, CPU fp32 (interleaved): the products alone on one thread (thread
     CPU time), unpadded 0.43-0.59x the base linear, against 0.54-0.79x for the previous design (runs of experts padded
-    to a common row count, one torch.bmm per run of up to 512 rows, ~12 runs) and ~0.2x more padded; on two idle
-    cores (the whole layer), padded 2.38x the base linear, unpadded 2.74x, the previous design 2.49x.
+    to a common row count, one torch.bmm per run of up to 512 rows, ~12 runs) and ~0.2x more padded; the whole routed
+    layer on two idle cores, padded 2.30-2.41x the base linear, unpadded 2.74x, the previous design 2.31-2.46x.
     """
     n_experts, d_in, _ = layer1.shape
     d_out = layer2.shape[2]
@@ -432,6 +438,8 @@ def _grouped_lora(xf, layer1, layer2, indices, pair_weights, acc):
     n_pairs = flat_experts.numel()
     if n_pairs == 0:
         return acc if acc is not None else xf.new_zeros(xf.shape[0], d_out)
+    if acc is not None and n_pairs <= GATHERED_WEIGHTS_MAX_PAIRS_PER_EXPERT * n_experts:
+        return _gathered_weights_into(acc, xf, layer1, layer2, flat_experts, pair_weights)
     order = torch.argsort(flat_experts, stable=True)  # stable: each expert's tokens stay in ascending order
     counts = torch.bincount(flat_experts, minlength=n_experts)
     tokens = torch.div(order, k, rounding_mode="floor")
@@ -448,6 +456,17 @@ def _grouped_lora(xf, layer1, layer2, indices, pair_weights, acc):
         return _padded_into(acc, xf, layer1, layer2, tokens, sorted_weights, flat_experts.index_select(0, order),
                             counts, capacity)
     return _grouped_into(acc, xf, layer1, layer2, tokens, sorted_weights, torch.cumsum(counts, 0, dtype=torch.int32))
+
+
+def _gathered_weights_into(acc, xf, layer1, layer2, flat_experts, pair_weights):
+    """Few pairs for many experts (a decoder step: 8 tokens x 2 pairs for 166 experts): each pair's own factors
+    gathered, both products one torch.bmm over the pairs; no sorting, and only the chosen experts' weights are read.
+    In place into acc."""
+    k = flat_experts.numel() // xf.shape[0]
+    tokens = torch.arange(xf.shape[0], device=xf.device).repeat_interleave(k)
+    hidden = torch.bmm(xf.index_select(0, tokens).unsqueeze(1), layer1.index_select(0, flat_experts))
+    hidden.mul_(pair_weights.reshape(-1, 1, 1))
+    return acc.index_add_(0, tokens, torch.bmm(hidden, layer2.index_select(0, flat_experts)).squeeze(1))
 
 
 def _grouped_into(acc, xf, layer1, layer2, tokens, weights, ends):
