@@ -14,8 +14,10 @@ Preemption-safe when `output_dir` is set (train.gin sets `exp_out/${EXP_NAME}`),
   `Trainer.overwrite = True`.
 
 Under torchrun (colm/utils/distributed.py, docs/distributed.md) every rank trains on its piece of each configured
-batch (the batcher's `split`), gradients are averaged by DDP (or FSDP, `Trainer.data_parallel="fsdp"`) only after the
-last micro-batch of a step, and only rank 0 claims the directory, saves and logs; every rank reads resume.pt.
+batch (the batcher's `split`), gradients are averaged by DDP (or FSDP, `Trainer.data_parallel="fsdp"`, one unit per
+transformer block: colm/procedures/fsdp.py) only after the last micro-batch of a step, and only rank 0 claims the
+directory, saves and logs; every rank reads resume.pt. Under FSDP the resume file is gathered whole and written in
+the single-process format, so one process, DDP and FSDP resume each other's files.
 """
 
 import contextlib
@@ -28,7 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from colm.formats.layout import BEST_CHECKPOINT
-from colm.procedures import resume
+from colm.procedures import fsdp, resume
 from colm.procedures.optim import get_optimizer, get_scheduler
 from colm.procedures.procedure import Procedure
 from colm.utils import distributed, run_dir
@@ -104,6 +106,8 @@ class Trainer(Procedure):
         self._tracked = []
         self._reference_rms = None
         self._parallel = None  # the DDP / FSDP wrapper of the model while training under torchrun
+        self.fsdp_units = 0  # FSDP units of the wrapped model (every transformer block and the root)
+        self._pending_optimizer_state = None  # under FSDP a resumed optimiser state loads once the model is sharded
 
     # ----- building -----------------------------------------------------------------------------
     def link(self):
@@ -119,11 +123,6 @@ class Trainer(Procedure):
         self.batcher.set_seed(self.seed)
         if distributed.is_distributed():
             self.batcher.check_split(self.datasets, distributed.world_size())
-            if self.data_parallel == "fsdp" and self.output_dir and self.checkpoint_step_interval:
-                raise ValueError(
-                    f"{self.name}/Trainer.data_parallel=\"fsdp\" writes no resume checkpoint yet (its optimiser "
-                    f"state is sharded): bind {self.name}/Trainer.checkpoint_step_interval=None, or train with "
-                    "\"ddp\", which resumes.")
         self.optimizer = get_optimizer(self.model.named_trainable_parameters())
         self.scheduler = get_scheduler(self.optimizer, self.num_steps)
         if getattr(self.model, "compute_dtype", None) == torch.float16:
@@ -198,14 +197,27 @@ class Trainer(Procedure):
                 f"{sum(p.numel() for _, p in self.model.named_trainable_parameters()):,} trainable parameters")
 
     # ----- the resume checkpoint ----------------------------------------------------------------
-    def _resume_payload(self) -> dict:
+    def _sharded(self) -> bool:
+        """Whether the model is FSDP-wrapped now (parameters and optimiser state sharded over the ranks)."""
+        return self.data_parallel == "fsdp" and self._parallel is not None and self._parallel is not self.model
+
+    def _whole_training_state(self):
+        """(trainable weights by name, optimiser state dict) whole and in the single-process format, on rank 0 (the
+        one that writes them). Under FSDP they are gathered from the shards, a collective every rank takes part in."""
+        if self._sharded():
+            return fsdp.trainable_state(self._parallel, self.model), fsdp.optimizer_state(self._parallel, self.optimizer)
+        if not distributed.is_main():
+            return None, None
+        params = {n: p.detach().cpu().clone() for n, p in self.model.named_trainable_parameters()}
+        return params, self.optimizer.state_dict()
+
+    def _resume_payload(self, params, optimizer_state) -> dict:
         validator = self.validate_procedure
         return {
             "step": self.state["step"], "epoch": self.state["epoch"], "batch_in_epoch": self.state["batch_in_epoch"],
             "num_steps": self.num_steps, "datasets": [d.name for d in self.datasets],
             "global_step": int(getattr(self.model, "global_step", self.state["step"])),
-            "params": {n: p.detach().cpu().clone() for n, p in self.model.named_trainable_parameters()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "params": params, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": resume.capture_rng_state(),
             "best_score": getattr(validator, "best_score", None), "best_step": getattr(validator, "best_step", None),
@@ -217,8 +229,9 @@ class Trainer(Procedure):
         # Each rank's RNG state: the ranks draw dropout masks for batch pieces of other shapes, so their
         # generators differ; each gets its own back on resume.
         rng_ranks = distributed.gather_to_main(resume.capture_rng_state())
+        params, optimizer_state = self._whole_training_state()
         if distributed.is_main():
-            payload = self._resume_payload()
+            payload = self._resume_payload(params, optimizer_state)
             if distributed.is_distributed():
                 payload["rng_ranks"] = rng_ranks
             resume.write_resume(path, payload)
@@ -249,7 +262,12 @@ class Trainer(Procedure):
                                  f"Bind {self.name}/Trainer.overwrite=True with a lower learning rate.")
             with torch.no_grad():
                 param.copy_(value.to(param.device, param.dtype))
-        self.optimizer.load_state_dict(payload["optimizer"])
+        # The model is not wrapped yet (run() restores first), so the weights above went into whole parameters on
+        # every rank; FSDP's optimiser state is sharded, so under FSDP it loads once the model is (run()).
+        if self.data_parallel == "fsdp" and distributed.is_distributed():
+            self._pending_optimizer_state = payload["optimizer"]
+        else:
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         if self.scaler is not None and payload.get("scaler") is not None:
             self.scaler.load_state_dict(payload["scaler"])
@@ -279,60 +297,45 @@ class Trainer(Procedure):
     def _wrap_for_data_parallel(self):
         """The module each micro-batch runs through: the model itself in one process; under torchrun a DDP wrapper
         (a model copy per process, gradients averaged in backward) or an FSDP one (parameters, gradients and
-        optimiser state sharded over the processes). Both wrap colm's Model as it is: its forward takes
-        (batch, interface_info, passing), and DDP/FSDP pass those through untouched."""
+        optimiser state sharded over the processes, every transformer block a unit of its own: colm/procedures/
+        fsdp.py). Both wrap colm's Model as it is: its forward takes (batch, interface_info, passing), and DDP/FSDP
+        pass those through untouched."""
         if not distributed.is_distributed():
             return self.model
         if self.data_parallel == "fsdp":
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
             dtypes = {p.dtype for p in self.model.parameters()}
             if len(dtypes) > 1:
                 raise ValueError(f"{self.name}/Trainer.data_parallel=\"fsdp\" needs one dtype for all parameters; "
                                  f"this model has {sorted(map(str, dtypes))} (Model.mix_precision keeps frozen weights "
                                  "in low precision). Train with \"ddp\" or without mix_precision.")
-            # One FSDP unit at the root, so module names (and the checkpoint keys) stay as they are;
-            # use_orig_params lets frozen base weights and trainable experts share the unit and keeps the
-            # optimiser's parameter objects.
             device = self.model.device
             if device.type == "cuda":
                 device = torch.device("cuda", torch.cuda.current_device())
-            # sync_module_states (rank 0's weights to all) is GPU-only; on CPU the ranks built the same weights
-            # from the same seed already.
-            return FullyShardedDataParallel(self.model, use_orig_params=True, device_id=device,
-                                            sync_module_states=device.type == "cuda")
+            parallel, message = fsdp.wrap(self.model, device, name=f"{self.name}/Trainer")
+            self.fsdp_units = fsdp.count_units(parallel)
+            self._say(message)
+            return parallel
         # Top-k routing may leave some trainable experts out of a micro-batch's graph: find_unused_parameters
         # marks those ready so the gradient all-reduce does not wait for them forever. A plain LoRA expert uses
         # every trainable parameter, and Trainer.find_unused_parameters=False saves a graph traversal per step.
         return DistributedDataParallel(self.model, find_unused_parameters=self.find_unused_parameters)
 
     def _full_params(self):
-        """Every parameter whole on every rank inside the block (FSDP keeps only shards between steps)."""
-        if self.data_parallel == "fsdp" and self._parallel is not None and self._parallel is not self.model:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            return FullyShardedDataParallel.summon_full_params(self._parallel, writeback=True)
+        """Inside the block the plain model on every rank: every parameter whole and, under FSDP, the block
+        wrappers out of the module tree, so validation and save calls see the single-process names (FSDP keeps
+        only shards between steps)."""
+        if self._sharded():
+            return fsdp.full_model(self._parallel, self.model.torch_model)
         return contextlib.nullcontext()
 
     def _unwrap(self):
-        """Ends data parallelism: under FSDP every parameter becomes a whole tensor of its own again, so the
-        procedures after training (final validation, finish calls) run the plain model."""
+        """Ends data parallelism: under FSDP every parameter becomes a whole tensor of its own again and the block
+        wrappers leave the module tree, so the procedures after training (final validation, finish calls) run the
+        plain model."""
+        sharded = self._sharded()
         parallel, self._parallel = self._parallel, None
-        if parallel is None or parallel is self.model or self.data_parallel != "fsdp":
-            return
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        torch_model = self.model.torch_model
-        # Every name of a shared parameter (T5 ties its embeddings) gets the same new whole parameter.
-        names = list(torch_model.named_parameters(remove_duplicate=False))
-        whole = {}
-        with FullyShardedDataParallel.summon_full_params(parallel, writeback=False):
-            for _, param in names:
-                if id(param) not in whole:
-                    whole[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-        for name, param in names:
-            owner, _, attr = name.rpartition(".")
-            torch_model.get_submodule(owner)._parameters[attr] = whole[id(param)]
+        if sharded:
+            fsdp.unwrap(parallel, self.model.torch_model)
 
     def _no_sync(self, last):
         """No gradient all-reduce for all but the last micro-batch of a step: gradients accumulate locally and
@@ -377,7 +380,7 @@ class Trainer(Procedure):
     def _weights_rms(self, params) -> float:
         total = sum(float(p.detach().float().pow(2).sum()) for p in params)
         count = sum(p.numel() for p in params)
-        if self.data_parallel == "fsdp" and distributed.is_distributed():
+        if self._sharded():
             # Each rank holds a shard: sum over ranks, so every rank decides the same.
             total, count = distributed.all_reduce_sum(total), distributed.all_reduce_sum(count)
         return math.sqrt(total / max(count, 1))
@@ -428,7 +431,7 @@ class Trainer(Procedure):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.gradient_clipping if self.gradient_clipping else math.inf
-        if self._parallel is not None and self.data_parallel == "fsdp" and distributed.is_distributed():
+        if self._sharded():
             grad_norm = self._parallel.clip_grad_norm_(max_norm)  # the norm over every rank's gradient shard
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -452,6 +455,12 @@ class Trainer(Procedure):
             self._restore(self.resume_from)
         model.train()
         self._parallel = self._wrap_for_data_parallel()
+        if self._pending_optimizer_state is not None:
+            state, self._pending_optimizer_state = self._pending_optimizer_state, None
+            if self._sharded():
+                fsdp.load_optimizer_state(self._parallel, self.optimizer, state)
+            else:
+                self.optimizer.load_state_dict(state)
         batches = self._batches()
         # A bar on a terminal; in a log file a plain line per report interval instead of redraw frames.
         bar = progress(total=self.num_steps, initial=self.state["step"], desc=self.name, dynamic_ncols=True,
