@@ -3,6 +3,8 @@
 `insert_averaged_hiddens` reads `exp_out/<exp_name>/averaged_hiddens<suffix>/<dataset with / -> _>.safetensors`
 (written by SaveAveragedHiddens, colm/procedures/averaged_hiddens.py) and writes each module's average as
 `<module>._addons.router.expert_embeddings__<index>` of `exp_out/<exp_name>/best.pt`, in place (atomically).
+Called inside a torchrun process group, rank 0 alone reads and rewrites best.pt (a rewrite in place must not run
+twice) and the other ranks wait for it.
 """
 
 import os
@@ -11,6 +13,7 @@ from colm.formats import keys as K
 from colm.formats.checkpoint_io import read_experiment, write_experiment
 from colm.formats.layout import HIDDENS_EXTENSION, checkpoint_file, hiddens_dir, hiddens_file
 from colm.models import architecture as A
+from colm.utils import distributed
 
 FINAL_LAYER_NORM = A.a1_router_input()  # its pooled output is the A1 decoder router's input
 DECODER_ROUTER = A.a1_router()  # A1: one router on the decoder stack, shared by every decoder linear
@@ -132,7 +135,19 @@ def insert_averaged_hiddens_state(state: dict, averages: dict, index: int = 0, a
 def insert_averaged_hiddens(exp_name, dataset, index=0, hiddens_suffix="_a2", component=None, arch="A2"):
     """Writes the averages of `dataset` (e.g. "D/P3SOCIALIQA/TRAIN") as the router vectors of expert `index`
     in exp_out/<exp_name>/best.pt; component "pretrained" / "task" first keeps only the part along / orthogonal
-    to the C4 averages at exp_out/P3C4_lora/averaged_hiddens<suffix>/D_C4_EVAL.safetensors."""
+    to the C4 averages at exp_out/P3C4_lora/averaged_hiddens<suffix>/D_C4_EVAL.safetensors. Under torchrun rank
+    0 alone does it; every rank returns its result."""
+    if not distributed.is_distributed():
+        return _insert_averaged_hiddens(exp_name, dataset, index, hiddens_suffix, component, arch)
+    written = None
+    if distributed.is_main():
+        print(f"[colm] insert_averaged_hiddens: rank 0 rewrites exp_out/{exp_name}/best.pt alone; the other ranks "
+              "wait for it", flush=True)
+        written = _insert_averaged_hiddens(exp_name, dataset, index, hiddens_suffix, component, arch)
+    return distributed.broadcast_from_main(written)
+
+
+def _insert_averaged_hiddens(exp_name, dataset, index, hiddens_suffix, component, arch):
     component = check_component(component)
     scope = dataset[len("D/"):-len("/TRAIN")] if dataset.startswith("D/") and dataset.endswith("/TRAIN") else "<SCOPE>"
     averages = read_hiddens(

@@ -17,6 +17,10 @@ Run it through the evaluation path on a TRAIN split with the "gen" interface (re
 does): `P/EVALUATE/Evaluator.analysis_processors = [@SaveAveragedHiddens()]`. Writes
 `<save_dir>/<dataset with / -> _>.safetensors` = {module name: float32 vector} (safetensors: loading it runs no
 code, unlike the original's pickle).
+
+Under torchrun the Evaluator runs its analysis processors on rank 0 alone (colm/procedures/evaluator.py): rank 0
+evaluates every batch of the dataset and writes the file once, the other ranks wait for its scores; the file is
+the single process's.
 """
 
 import gin
@@ -27,6 +31,7 @@ from colm.formats.layout import HIDDENS_EXTENSION
 from colm.models.architecture import ENCODER, a1_router_input, token_side
 from colm.moma.moe import expert_count
 from colm.procedures.analysis import AnalysisProcessor, generated_token_mask
+from colm.utils import distributed
 from colm.utils.atomic import atomic_path
 from colm.utils.coerce import as_bool
 
@@ -131,4 +136,6 @@ class SaveAveragedHiddens(AnalysisProcessor):
         path = self.path_for(dataset_name, HIDDENS_EXTENSION)
         with atomic_path(path) as tmp:
             save_file(means, tmp, metadata={"format": "colm averaged hiddens", "dataset": dataset_name})
-        print(f"[colm] SaveAveragedHiddens: {len(means)} module averages -> {path}")
+        alone = (f" (rank 0 of {distributed.world_size()} averaged every batch alone; the other ranks waited)"
+                 if distributed.is_distributed() else "")
+        print(f"[colm] SaveAveragedHiddens: {len(means)} module averages -> {path}{alone}", flush=True)

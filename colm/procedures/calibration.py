@@ -15,6 +15,10 @@ eos) for the other decoder linears, one row per example for sentence-level route
 dataset, then averaged over datasets (each dataset counts alike). If the input checkpoint already holds means,
 its routing is centred by them while measuring; calibrating its output again refines the means.
 
+Under torchrun each rank measures every world-th batch of each dataset and the ranks' sums and token counts are
+added up (`combine_rank_sums`), so every rank gets the single process's means up to float64 rounding; rank 0
+alone writes the files.
+
 The means are written into a copy of the checkpoint (`out_path` must differ from the input; the input is
 never modified), with `experts.json` copied beside it and `calibration.json` recording what was measured.
 
@@ -37,6 +41,7 @@ from colm.formats.layout import EXPERTS_FILE, checkpoint_file
 from colm.models.architecture import ENCODER, T5, token_side
 from colm.moma.moe import Router
 from colm.procedures.procedure import Procedure
+from colm.utils import distributed
 from colm.utils.atomic import atomic_path
 
 CALIBRATION_FILE = "calibration.json"
@@ -59,6 +64,28 @@ def _token_weights(module, hidden, encoder_weights, decoder_weights, architectur
     return weights
 
 
+def combine_rank_sums(local):
+    """[(sums, counts)] per dataset of this rank -> the same summed over every rank, on every rank.
+
+    One gather to rank 0 and one broadcast, whatever a rank holds (a rank without batches sends empty dicts), so
+    every rank makes the same collective calls. Rank 0 adds the ranks' sums in rank order (float64). In a single
+    process it is `local` itself (0 + x is x, so the sums stay the bits of the unsharded loop).
+    """
+    shards = distributed.gather_to_main(local)
+    combined = None
+    if distributed.is_main():
+        combined = []
+        for per_rank in zip(*shards):
+            sums, counts = {}, {}
+            for rank_sums, rank_counts in per_rank:
+                for module, total in rank_sums.items():
+                    sums[module] = sums.get(module, 0) + total
+                for module, count in rank_counts.items():
+                    counts[module] = counts.get(module, 0) + count
+            combined.append((sums, counts))
+    return distributed.broadcast_from_main(combined)
+
+
 def measure_router_input_means(model, datasets, num_examples=50, seed=42, router_addon_name=K.ROUTER_ADDON):
     """{router module: float32 mean input (d_router,)} and {dataset name: examples used}.
 
@@ -76,7 +103,11 @@ def measure_router_input_means(model, datasets, num_examples=50, seed=42, router
                          "[\"D/TOYREVERSE/TRAIN\"].")
     lm = InterfaceInfo(interface="lm")
     pad = model.pad_id
-    per_dataset, used = [], {}
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1 and distributed.is_main():
+        print(f"[colm] calibration: {world} processes, rank r measures batches r, r + {world}, ... of each dataset; "
+              "sums and token counts are added up over the ranks", flush=True)
+    local, used = [], {}
     was_training = model.training
     model.eval()
     try:
@@ -87,7 +118,9 @@ def measure_router_input_means(model, datasets, num_examples=50, seed=42, router
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(seed)))
             chosen = order[: int(num_examples)].sort().values
             sums, counts = {}, {}
-            for chunk in chosen.split(dataset.batch_size):
+            # Under torchrun each rank takes every world-th batch: the very batches (padding included) one process
+            # runs, so each batch's sums are the single process's; a rank may get none.
+            for chunk in chosen.split(dataset.batch_size)[rank::world]:
                 batch = dataset.collate([dataset[int(i)] for i in chunk])
                 with torch.no_grad():
                     model(batch, lm)
@@ -103,14 +136,17 @@ def measure_router_input_means(model, datasets, num_examples=50, seed=42, router
                     total = (hidden * weights.unsqueeze(-1)).reshape(-1, hidden.shape[-1]).sum(dim=0)
                     sums[module] = sums.get(module, 0) + total
                     counts[module] = counts.get(module, 0) + float(weights.sum())
-            empty = [m for m in routers if counts.get(m, 0) == 0]
-            if empty:
-                raise ValueError(f"Calibration dataset {dataset.name}: no counted tokens reached {empty[:3]} (empty "
-                                 "targets?).")
-            per_dataset.append({m: sums[m] / counts[m] for m in routers})
+            local.append((sums, counts))
             used[dataset.name] = int(chosen.numel())
     finally:
         model.train(was_training)
+    per_dataset = []
+    for dataset, (sums, counts) in zip(datasets, combine_rank_sums(local)):
+        empty = [m for m in routers if counts.get(m, 0) == 0]
+        if empty:
+            raise ValueError(f"Calibration dataset {dataset.name}: no counted tokens reached {empty[:3]} (empty "
+                             "targets?).")
+        per_dataset.append({m: sums[m] / counts[m] for m in routers})
     means = {m: torch.stack([d[m] for d in per_dataset]).mean(dim=0).float() for m in routers}
     return means, used
 
@@ -182,6 +218,11 @@ class RouterCalibrator(Procedure):
                 f"-> exp_out/{self.out_path}/best.pt")
 
     def run(self):
+        """Every rank measures its share of the batches (measure_router_input_means); rank 0 alone writes, and the
+        others wait for it (the broadcast of the written path)."""
         means, used = measure_router_input_means(self.model, self.datasets, self.num_examples, self.seed)
-        return write_calibrated_checkpoint(self.checkpoint, self.out_path, means,
-                                           {"examples": used, "seed": self.seed})
+        target = None
+        if distributed.is_main():
+            target = write_calibrated_checkpoint(self.checkpoint, self.out_path, means,
+                                                 {"examples": used, "seed": self.seed})
+        return distributed.broadcast_from_main(target)

@@ -9,6 +9,9 @@ in expert_library_dir. `make_checkpoint_for_retrieval` then packs these files in
 make_expert_library=False: a diagnostic (step 4). It loads every library file of expert_library_dir,
 sends each example of each dataset to the library holding its nearest embedding, and prints the
 majority library per dataset. Nothing is written.
+
+Under torchrun rank 0 does all of it alone (embedding a few thousand examples per dataset is not worth sharding)
+while the other ranks wait for its result; only rank 0 writes and prints.
 """
 
 import glob
@@ -22,6 +25,7 @@ from colm.formats.layout import RETRIEVAL_LIBRARY_GLOB, retrieval_library_datase
 from colm.moma.embedder import DEFAULT_MODEL, embed_texts
 from colm.moma.feature_extractor import example_text
 from colm.procedures.procedure import Procedure
+from colm.utils import distributed
 from colm.utils.atomic import atomic_path
 from colm.utils.coerce import as_bool
 from colm.utils.paths import expand
@@ -88,6 +92,16 @@ class Retriever(Procedure):
         return embed_texts(self.texts_of(dataset), self.batch_size, self.model_name, self.device).cpu()
 
     def run(self):
+        if distributed.is_distributed():
+            result = None
+            if distributed.is_main():
+                print(f"[colm] {self.name}: rank 0 runs the Retriever alone; the other "
+                      f"{distributed.world_size() - 1} rank(s) wait for it", flush=True)
+                result = self._run()
+            return distributed.broadcast_from_main(result)  # the other ranks wait here for rank 0
+        return self._run()
+
+    def _run(self):
         return self.write_libraries() if self.make_expert_library else self.diagnose()
 
     def write_libraries(self) -> dict:
