@@ -36,12 +36,6 @@ TINY_CONFIG = dict(
     feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
 )
-# Pre-training runs without dropout and the shipped config turns it on for what trains on the model (experts,
-# gates, Multitask), as T5 v1.1 did (google/t5-v1_1-* and t5-*-lm-adapt ship dropout_rate 0.1; the original
-# trainer keeps the model in train mode). It matters to PHATGOOSE: experts trained without it learned a change that
-# only works whole (the eight toy experts at half strength, 0.61 against 0.81 at full strength, held-in accuracy),
-# and top-2 routing mixes each expert in at about half strength; trained with it, 0.74 against 0.75.
-FINETUNING_DROPOUT = 0.1
 
 
 def tokenizer_corpus(seed, num_sequences=20000):
@@ -176,7 +170,6 @@ def build_toy_t5(span_steps=1000, prefix_steps=400, seed=0, progress=None, stop_
                            stop_after=stop_after)
     finally:
         torch.set_num_threads(threads)
-    model.config.dropout_rate = FINETUNING_DROPOUT  # for the saved config; this model object stays in eval mode
     return model.eval(), tokenizer, log
 
 
@@ -187,7 +180,6 @@ def write_model_card(out_dir, model, tokenizer, log, span_steps, prefix_steps, s
     params = sum(p.numel() for p in model.parameters())
     rows = "\n".join(f"| {step} | {stage} | {loss:.4f} |" for step, stage, loss in log if step % 250 == 0 or step == log[-1][0])
     config = ", ".join(f"{k}={v}" for k, v in TINY_CONFIG.items())
-    config += f" during pre-training, {FINETUNING_DROPOUT} in the shipped config (what trains on the model uses it)"
     text = f"""# The embedded T5 (colm/models/tiny/toy_t5)
 
 A miniature of T5 v1.1 LM-adapt for CPU runs of the whole PHATGOOSE pipeline. Written by
