@@ -14,30 +14,44 @@ A finished expert leaves a marker in exp_out/<root>/.stages/ (root default train
 every later run, pool or SLURM; an interrupted one goes on from its first unfinished command. A failed expert
 is tried again --retries times, then reported with its log (exp_out/<root>/logs/); the others go on, and the
 exit status is 1. The table of every expert (status, time, expert and gate validation scores) is printed and
-written to exp_out/<root>/<setting>.md; --report prints it without running anything (after a SLURM run).
+written to exp_out/<root>/<setting>.md (a list of names: experts_<names>.md); --report prints it without running
+anything (after a SLURM run).
 Run from the repository root after `source exp_launch/setup_environment_variable.sh`.
 """
 
 import argparse
 import ast
 import os
+import shlex
 import stat
 import sys
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from colm.datasets.settings import get_setting  # noqa: E402
+from colm.datasets.settings import all_settings, get_setting  # noqa: E402
 from colm.procedures.expert_jobs import ExpertJobs  # noqa: E402
 from colm.procedures.stages import FAILED, NOT_RUN, tail  # noqa: E402
 
 
 def parse_setting(values):
-    """(setting name or list, label): `Full`; `A B C`; or one gin-style list `["A", "B:SCOPE"]`."""
+    """(setting name or list, label): `Full`; `A B C` or a single expert name; or one gin-style list
+    `["A", "B:SCOPE"]`. A list's label names its table file, so two lists do not share one."""
     if len(values) == 1 and values[0].strip().startswith("["):
-        return list(ast.literal_eval(values[0])), "experts"
-    if len(values) == 1:
+        names = list(ast.literal_eval(values[0]))
+    elif len(values) == 1 and values[0] in all_settings():
         return values[0], values[0]
-    return list(values), "experts"
+    else:
+        names = list(values)
+    return names, list_label(names)
+
+
+def list_label(names, max_names=3):
+    """experts_A_B_C for up to three names; beyond, the first name, the count and a checksum of them all."""
+    plain = [name.split(":")[0] for name in names]
+    if len(plain) <= max_names:
+        return "experts_" + "_".join(plain)
+    return f"experts_{plain[0]}_and_{len(plain) - 1}_more_{zlib.crc32(' '.join(names).encode()):08x}"
 
 
 def parse_sbatch(options):
@@ -85,14 +99,15 @@ def main(argv=None) -> int:
                       bindings=args.extra_bindings, expert_bindings=args.expert_bindings,
                       gate_bindings=args.gate_bindings, extra_gin_files=args.extra_gin_files, label=label)
 
+    report = (f"python scripts/train_experts.py --setting {' '.join(shlex.quote(v) for v in args.setting)} "
+              f"--model_type {model_type} --root {args.root} --report")
     if args.slurm:
         os.makedirs(jobs.log_dir(), exist_ok=True)  # SLURM opens its --output files there and creates no folder
         with open(args.slurm, "w") as f:
             f.write(jobs.slurm_script(os.getcwd(), retries=args.retries, sbatch=sbatch, throttle=args.workers))
         os.chmod(args.slurm, os.stat(args.slurm).st_mode | stat.S_IXUSR)
         print(f"[train_experts] wrote {args.slurm}: {len(setting)} array tasks (0-{len(setting) - 1}), one expert each. "
-              f"Submit with `sbatch {args.slurm}`; afterwards `python scripts/train_experts.py --setting "
-              f"{' '.join(args.setting)} --root {args.root} --report` gathers the table.")
+              f"Submit with `sbatch {args.slurm}`; afterwards `{report}` gathers the table.")
         return 0
 
     if args.report:
@@ -111,15 +126,17 @@ def main(argv=None) -> int:
             print("[train_experts] interrupted: the same command goes on where this run stopped (finished experts "
                   "and commands are skipped).", file=sys.stderr)
             return 130
-    print(jobs.table(rows))
-    print(f"[train_experts] table written to {jobs.table_file()}")
+    print(jobs.table(rows), flush=True)  # before the failures on stderr, so that the two do not interleave
+    print(f"[train_experts] table written to {jobs.table_file()}", flush=True)
     failed = [row for row in rows if row.status == FAILED]
     for row in failed:
         print(f"[train_experts] FAILED: {row.name} (D/{row.scope}/TRAIN); log {row.log}; its last lines:\n"
               + tail(row.log, 15), file=sys.stderr)
     if failed:
-        print(f"[train_experts] {len(failed)} of {len(rows)} experts failed; fix the cause and run the same command "
-              "again: finished experts are skipped.", file=sys.stderr)
+        again = ("then run the pool or re-submit the SLURM script" if args.report else
+                 "then run the same command again")
+        print(f"[train_experts] {len(failed)} of {len(rows)} experts failed; fix the cause, {again}: finished experts "
+              "are skipped.", file=sys.stderr)
         return 1
     if all(row.status != NOT_RUN for row in rows):
         print(f"[train_experts] every expert has its gate; next, one checkpoint of them all:\n  {jobs.concatenate_command()}")

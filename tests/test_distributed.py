@@ -15,6 +15,7 @@ import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -46,14 +47,23 @@ BINDINGS = ['P/TRAIN/Trainer.datasets="D/TOYSENTIMENT/TRAIN"', 'P/EVALUATE/Evalu
 TOLERANCE = 1e-5  # max |w_torchrun - w_single|; the weights move by about 1e-2 in these 4 steps
 
 
-def run(cwd, exp_name, nproc=1, extra=(), script=None, **env_extra):
+def run(cwd, exp_name, nproc=1, extra=(), script=None, timeout=600, **env_extra):
     env = subprocess_env(cwd)
     env.update(EXP_NAME=exp_name, OMP_NUM_THREADS="1", **{k: str(v) for k, v in env_extra.items()})
     target = [script] if script else ["-m", "colm.main"]
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, *target, "--gin_files", *GINS, "--gin_bindings", *BINDINGS, *extra],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    # A session of its own: a run that times out is killed with its torchrun workers, not just torchrun.
+    process = subprocess.Popen([*launcher, *target, "--gin_files", *GINS, "--gin_bindings", *BINDINGS, *extra],
+                               cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{exp_name}: no exit within {timeout} s (killed); stdout ends:\n{stdout[-2000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def max_difference(path_a, path_b):
@@ -159,6 +169,22 @@ def test_fsdp_killed_run_resumes_to_the_bits_of_an_uninterrupted_one(in_tmp_repo
     difference = max_difference(out / "fsdp_whole/finish.pt", out / "one_process/finish.pt")
     print(f"FSDP resumed by one process: max |w - w_fsdp| = {difference:.3g}; training moved B by up to {moved:.3g}")
     assert difference < moved / 10
+
+
+@pytest.mark.slow
+def test_fsdp_on_a_generation_task_validates_and_finishes(in_tmp_repo):
+    """Validation generates text on each rank's shard (2 batches on rank 0, 1 on rank 1). transformers' generate
+    turns on synced_gpus for a module FSDP manages, so each rank waited in an all-reduce for the other's extra
+    decoding steps, and a rank with one batch fewer never came: the run hung after its last step. Our generation
+    always runs on whole parameters, so it generates unsynced."""
+    generation = ['P/TRAIN/Trainer.datasets="D/TOYINSTRUMENT/TRAIN"', 'P/EVALUATE/Evaluator.datasets="D/TOYINSTRUMENT/EVAL"',
+                  "D/TOYINSTRUMENT/TRAIN/ToyDataset.num_examples=16", "D/TOYINSTRUMENT/EVAL/ToyDataset.num_examples=10",
+                  'P/TRAIN/Trainer.data_parallel="fsdp"', "P/TRAIN/Trainer.num_steps=2",
+                  "P/TRAIN/Trainer.checkpoint_step_interval=None"]
+    done = run(in_tmp_repo, "fsdp_generation", nproc=2, extra=generation, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP: 9 units" in done.stdout and "exact_match" in (in_tmp_repo / "exp_out/fsdp_generation/results.txt").read_text()
+    assert run_dir.read_status(str(in_tmp_repo / "exp_out/fsdp_generation"))["status"] == "complete"
 
 
 @pytest.fixture

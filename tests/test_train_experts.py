@@ -94,8 +94,13 @@ def test_expert_commands_are_the_readme_sequence():
 def test_setting_arguments_and_own_task_names():
     cli = load_cli()
     assert cli.parse_setting(["Full"]) == ("Full", "Full")
-    assert cli.parse_setting(["A", "B:MYB"]) == (["A", "B:MYB"], "experts")
-    assert cli.parse_setting(['["MyEcho", "MySentiment"]']) == (["MyEcho", "MySentiment"], "experts")
+    assert cli.parse_setting(["A", "B:MYB"]) == (["A", "B:MYB"], "experts_A_B")
+    assert cli.parse_setting(['["MyEcho", "MySentiment"]']) == (["MyEcho", "MySentiment"], "experts_MyEcho_MySentiment")
+    assert cli.parse_setting(["ToyInstrument"]) == (["ToyInstrument"], "experts_ToyInstrument")  # one name, not a setting
+    # Longer lists: a label of their own each, so two lists never share a table file.
+    five, other = [f"E{i}" for i in range(5)], [f"E{i}" for i in (0, 1, 2, 3, 5)]
+    assert cli.parse_setting(five)[1].startswith("experts_E0_and_4_more_")
+    assert cli.parse_setting(five)[1] != cli.parse_setting(other)[1]
     assert dict(get_setting(["MyEcho", "Mine:REVIEWS"], check_scopes=False)) == {"MyEcho": "MYECHO", "Mine": "REVIEWS"}
     with pytest.raises(ValueError, match="OPTION=VALUE"):
         cli.parse_sbatch(["partition"])
@@ -114,10 +119,11 @@ def test_slurm_script_for_full_is_one_array_task_per_expert(in_tmp_repo):
     script = in_tmp_repo / "train_Full.sh"
     assert load_cli().main(["--setting", "Full", "--model_type", "t5xl", "--slurm", str(script), "--retries", "1",
                             "--extra_bindings", "P/TRAIN/Trainer.gradient_accumulation_factor=32",
-                            "--gate_bindings", "main.logging_backend=None", "--sbatch", "partition=gpu"]) == 0
+                            "--gate_bindings", "main.logging_backend=None", "--sbatch", "partition=gpu",
+                            "--sbatch", "gres="]) == 0
     text = script.read_text()
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    assert "#SBATCH --array=0-165\n" in text and "#SBATCH --partition=gpu\n" in text
+    assert "#SBATCH --array=0-165\n" in text and "#SBATCH --partition=gpu\n" in text and "--gres" not in text
     assert re.search(r"#SBATCH --output=(\S+)/slurm_%A_%a.out", text).group(1) == str(in_tmp_repo / "exp_out/train_experts/logs")
     assert (in_tmp_repo / "exp_out/train_experts/logs").is_dir()  # SLURM does not create it
     setting = get_setting("Full")
@@ -127,6 +133,9 @@ def test_slurm_script_for_full_is_one_array_task_per_expert(in_tmp_repo):
     for task in (0, 40, 165):
         name = names[task]
         assert dry_run(script, task, in_tmp_repo) == jobs.commands(name, setting[name])
+    beyond = subprocess.run(["bash", str(script)], cwd=in_tmp_repo, capture_output=True, text=True,
+                            env=dict(subprocess_env(in_tmp_repo), COLM_DRY_RUN="1", SLURM_ARRAY_TASK_ID="166"))
+    assert beyond.returncode == 2 and "SLURM_ARRAY_TASK_ID=166: this script has array tasks 0-165" in beyond.stderr
 
 
 STUB = """#!/bin/bash
@@ -205,7 +214,7 @@ def test_pool_trains_and_gates_toy_experts_with_two_workers_and_a_rerun_does_not
     assert "FAILED: ToyTopic" in err and "exp_out/train_experts/logs/expert_ToyTopic_tiny_lora.log" in err
     topic_log = (in_tmp_repo / "exp_out/train_experts/logs/expert_ToyTopic_tiny_lora.log").read_text()
     assert "no_such_task" in topic_log and "attempt 2 of 2" in topic_log
-    table = (in_tmp_repo / "exp_out/train_experts/experts.md").read_text()
+    table = (in_tmp_repo / "exp_out/train_experts/experts_ToySentiment_ToyTopic_ToyReverse.md").read_text()
     assert re.search(r"\| 1 \| ToyTopic \| TOYTOPIC \| failed \|", table)
     for name in ("ToySentiment", "ToyReverse"):
         assert re.search(rf"\| {name} \| \w+ \| done \| \d+ \| 0\.\d+ \| 0\.\d+ \|", table), table
@@ -228,4 +237,4 @@ def test_pool_trains_and_gates_toy_experts_with_two_workers_and_a_rerun_does_not
     assert out.count(": done before (") == 3
     assert outputs(in_tmp_repo) == after
     assert {p.name: p.stat().st_mtime_ns for p in (in_tmp_repo / "exp_out/train_experts/logs").iterdir()} == logs
-    assert len(re.findall(r"\| done before \|", (in_tmp_repo / "exp_out/train_experts/experts.md").read_text())) == 3
+    assert len(re.findall(r"\| done before \|", (in_tmp_repo / "exp_out/train_experts/experts_ToySentiment_ToyTopic_ToyReverse.md").read_text())) == 3

@@ -51,6 +51,10 @@ def gen_4encdec(model, batch, interface_info):
     output_ids = model.torch_model.generate(
         input_ids=input_ids, attention_mask=(input_ids != model.pad_id).long(),
         num_beams=interface_info.num_beams, max_length=interface_info.max_gen_length, do_sample=False,
+        # transformers syncs every decoding step across ranks for a module FSDP manages (it expects sharded
+        # weights), but generation here always runs on whole weights, each rank on its own shard of examples, and
+        # ranks with unequal numbers of batches then wait for each other forever.
+        synced_gpus=False,
     )
     texts = model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
     return {"output_ids": output_ids, "output_text": texts}

@@ -26,6 +26,7 @@ from colm.formats import gcs
 from colm.formats import keys as K
 from colm.formats.checkpoint_io import in_file_order, numbered_files, read_checkpoint, write_checkpoint
 from colm.formats.layout import numbered_file
+from colm.utils import distributed
 from colm.utils.paths import expand
 
 
@@ -201,4 +202,5 @@ def load_weights(model, weight_path=gin.REQUIRED, scan_numbers=False, skip_if_no
     load_state_into(model, state, path)
     # Trainer.output_dir refuses to write a warm start into the directory of the checkpoint it started from.
     model.loaded_from = [*getattr(model, "loaded_from", []), path]
-    print(f"[colm] loaded {len(state)} tensors from {path}")
+    if distributed.is_main():  # under torchrun every rank loads, one says so
+        print(f"[colm] loaded {len(state)} tensors from {path}")

@@ -17,6 +17,7 @@ exp_out/<root>/) and runs them in a local pool (`run_pool`), or writes a SLURM j
 same commands with the same markers (`slurm_script`); `rows` and `table` gather the results.
 """
 
+import contextlib
 import os
 import re
 import shlex
@@ -157,8 +158,11 @@ class ExpertJobs:
             echo(f"[train_experts] {result.name}: {result.status}{seconds}{where} "
                  f"({len(finished)}/{total} experts, {time.time() - started:.0f}s in all)")
 
-        with runner.preloaded():
-            results = runner.run_chains([[self.stage(name)] for name in names], workers, on_result, envs)
+        stages = [self.stage(name) for name in names]
+        # Nothing left to run: no preloaded Python (it takes seconds to start) for a re-run that only skips.
+        pending = not all(runner.is_done(stage) for stage in stages)
+        with runner.preloaded() if pending else contextlib.nullcontext():
+            results = runner.run_chains([[stage] for stage in stages], workers, on_result, envs)
         return self.rows({name: result for name, result in zip(names, results)})
 
     # ----- gathering the results ------------------------------------------------------------------------------
@@ -235,7 +239,7 @@ class ExpertJobs:
                  "trained and gated; array task i = expert i of the setting's order.",
                  "#   sbatch THIS_FILE                      submit (again: finished experts are skipped)",
                  "#   COLM_DRY_RUN=1 SLURM_ARRAY_TASK_ID=i bash THIS_FILE   print the commands of task i",
-                 *[f"#SBATCH --{key}={value}" for key, value in options.items()],
+                 *[f"#SBATCH --{key}={value}" for key, value in options.items() if value],  # OPTION= drops one
                  "set -euo pipefail",
                  f"cd {shlex.quote(repo_root)}",
                  "source exp_launch/setup_environment_variable.sh",
@@ -247,6 +251,10 @@ class ExpertJobs:
                  _bash_array("SCOPES", list(self.setting.values())),
                  _bash_array("SLUGS", slugs),
                  'i="${SLURM_ARRAY_TASK_ID:?run under sbatch --array, or set SLURM_ARRAY_TASK_ID}"',
+                 f'if ! [[ "$i" =~ ^[0-9]+$ ]] || (( i >= {len(names)} )); then',
+                 f'  echo "[train_experts] SLURM_ARRAY_TASK_ID=$i: this script has array tasks 0-{len(names) - 1}" >&2',
+                 "  exit 2",
+                 "fi",
                  'name="${NAMES[$i]}" scope="${SCOPES[$i]}" marker="$STAGES/${SLUGS[$i]}" log="$LOGS/${SLUGS[$i]}.log"',
                  "",
                  "# step K COMMAND...: runs command K of the expert unless its step marker exists; tried 1+RETRIES times.",
