@@ -14,8 +14,8 @@ A finished expert leaves a marker in exp_out/<root>/.stages/ (root default train
 every later run, pool or SLURM; an interrupted one goes on from its first unfinished command. A failed expert
 is tried again --retries times, then reported with its log (exp_out/<root>/logs/); the others go on, and the
 exit status is 1. The table of every expert (status, time, expert and gate validation scores) is printed and
-written to exp_out/<root>/<setting>.md (a list of names: experts_<names>.md); --report prints it without running
-anything (after a SLURM run).
+written to exp_out/<root>/<setting>_<suffix>.md (a list of names: experts_<names>_<suffix>.md); --report prints
+and writes it without running anything (after a SLURM run).
 Run from the repository root after `source exp_launch/setup_environment_variable.sh`.
 """
 

@@ -214,7 +214,7 @@ def test_pool_trains_and_gates_toy_experts_with_two_workers_and_a_rerun_does_not
     assert "FAILED: ToyTopic" in err and "exp_out/train_experts/logs/expert_ToyTopic_tiny_lora.log" in err
     topic_log = (in_tmp_repo / "exp_out/train_experts/logs/expert_ToyTopic_tiny_lora.log").read_text()
     assert "no_such_task" in topic_log and "attempt 2 of 2" in topic_log
-    table = (in_tmp_repo / "exp_out/train_experts/experts_ToySentiment_ToyTopic_ToyReverse.md").read_text()
+    table = (in_tmp_repo / "exp_out/train_experts/experts_ToySentiment_ToyTopic_ToyReverse_tiny_lora.md").read_text()
     assert re.search(r"\| 1 \| ToyTopic \| TOYTOPIC \| failed \|", table)
     for name in ("ToySentiment", "ToyReverse"):
         assert re.search(rf"\| {name} \| \w+ \| done \| \d+ \| 0\.\d+ \| 0\.\d+ \|", table), table
@@ -237,4 +237,4 @@ def test_pool_trains_and_gates_toy_experts_with_two_workers_and_a_rerun_does_not
     assert out.count(": done before (") == 3
     assert outputs(in_tmp_repo) == after
     assert {p.name: p.stat().st_mtime_ns for p in (in_tmp_repo / "exp_out/train_experts/logs").iterdir()} == logs
-    assert len(re.findall(r"\| done before \|", (in_tmp_repo / "exp_out/train_experts/experts_ToySentiment_ToyTopic_ToyReverse.md").read_text())) == 3
+    assert len(re.findall(r"\| done before \|", (in_tmp_repo / "exp_out/train_experts/experts_ToySentiment_ToyTopic_ToyReverse_tiny_lora.md").read_text())) == 3

@@ -191,10 +191,11 @@ class ExpertJobs:
         return os.path.join(self.out, LOG_DIR)
 
     def table_file(self) -> str:
-        return os.path.join(self.out, f"{slug(self.label)}.md")
+        # the suffix too: a table of the tiny experts and one of the t5xl experts of the same names are two tables
+        return os.path.join(self.out, f"{slug(self.label)}_{slug(self.suffix)}.md")
 
     def table(self, rows) -> str:
-        """The markdown table of the rows, also written to exp_out/<root>/<label>.md."""
+        """The markdown table of the rows, also written to exp_out/<root>/<label>_<suffix>.md."""
         counts = {status: sum(r.status == status for r in rows) for status in (DONE, SKIPPED, FAILED, NOT_RUN)}
         lines = [f"# Experts of {self.label}: trained and gated", "",
                  f"{len(rows)} experts under exp_out/{CONCATENATED_DIR}/<name>_{self.suffix}_{GATED_SUFFIX}: "
