@@ -1,6 +1,8 @@
-"""What several benchmarks share: the T5-small-sized configuration they build offline and the CPU's name."""
+"""What several benchmarks share: the T5-small-sized configuration they build offline, the CPU's name and the
+interleaved timing loop."""
 
 import platform
+import time
 
 import transformers
 
@@ -22,3 +24,17 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def interleaved_times(variants, repeats, order):
+    """{name: [seconds per repeat]} of variants {name: function of no arguments}: each repeat times "base" first,
+    then the others in a fresh order (`order`, a random.Random), so that no variant always runs right after another."""
+    times = {name: [] for name in variants}
+    others = [name for name in variants if name != "base"]
+    for _ in range(repeats):
+        order.shuffle(others)
+        for name in ["base", *others]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -30,12 +30,12 @@ tokens. With --size small on two idle cores one run takes about two minutes (lon
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import random
 import statistics
 import sys
-import time
 
 import gin
 import torch
@@ -45,7 +45,7 @@ from transformers import T5ForConditionalGeneration
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from common import cpu_name, t5_small_config  # noqa: E402  (benchmarks/common.py)
+from common import cpu_name, interleaved_times, t5_small_config  # noqa: E402  (benchmarks/common.py)
 
 from colm import configurables, registry  # noqa: E402,F401  (configurables: the gin names the gin files use)
 from colm.ginparse import parse_gin  # noqa: E402
@@ -224,14 +224,8 @@ def main():
                 assert error < 1e-3 * scale, (f"{name} differs from routed by {error} (logits up to {scale}) at "
                                               f"N={n_experts}")
         assert (outputs["routed"] - outputs["base"]).abs().max().item() > 1e-3 * scale, "the experts changed nothing"
-        times = {name: [] for name in variants}
-        others = [name for name in variants if name != "base"]
-        for _ in range(args.repeats):  # base first, the others in a fresh order each repeat (no order bias)
-            order.shuffle(others)
-            for name in ["base", *others]:
-                start = time.perf_counter()
-                forward(model, batch, variants[name])
-                times[name].append(time.perf_counter() - start)
+        calls = {name: functools.partial(forward, model, batch, setting) for name, setting in variants.items()}
+        times = interleaved_times(calls, args.repeats, order)
         ratio = {name: statistics.median(t / b for t, b in zip(times[name], times["base"])) for name in variants}
         routed_ratio[n_experts] = ratio["routed"]
         mt = f"{ratio['routed-serial']:.2f}" if "routed-serial" in ratio else "-"

@@ -28,12 +28,13 @@ import os
 import random
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import interleaved_times  # noqa: E402  (benchmarks/common.py)
+
 from colm.moma import routing  # noqa: E402
 from colm.moma.addons import insert_addon  # noqa: E402
 from colm.moma.hiddens import ExposeHidden  # noqa: E402
@@ -195,14 +196,7 @@ def main():
                     assert error < 1e-3, f"{name} differs from dense by {error} at N={n_experts}"
             for fn in variants.values():  # warm-up
                 fn()
-            times = {name: [] for name in variants}
-            others = [name for name in variants if name != "base"]
-            for _ in range(args.repeats):  # base first, the others in a fresh order each repeat (no order bias)
-                order.shuffle(others)
-                for name in ["base", *others]:
-                    start = time.perf_counter()
-                    variants[name]()
-                    times[name].append(time.perf_counter() - start)
+            times = interleaved_times(variants, args.repeats, order)
             ratio = {name: statistics.median(t / b for t, b in zip(times[name], times["base"])) for name in variants}
             ours_ratio[n_experts], addons_ratio[n_experts] = ratio["ours"], ratio["addons"]
             mt = f"{ratio['addons-serial']:.2f}" if "addons-serial" in ratio else "-"
